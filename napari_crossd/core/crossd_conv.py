@@ -1,0 +1,365 @@
+"""Cross-D Conv: one 3D kernel bank for 2D and 3D input (Yavuz & Yang, arXiv 2411.02441).
+
+Convention:
+    The parameter ``weights_3d`` is U, shaped (C_out, C_in / groups, k, k, k) with axes
+    (d, h, w). On (B, C, D, H, W) input the layer is ``conv3d`` with U (statically rotated
+    if it has a static rotation). On (B, C, H, W) input it is ``conv2d`` with the central
+    (h, w) slice d = k // 2 of U rotated in the Fourier domain: exactly by default
+    (``rotation_mode="fourier"``, see :func:`napari_crossd.core.rotate_kernels`), or as the
+    official code computes it (``rotation_mode="reference"``, see
+    :mod:`napari_crossd.core.reference`). stride, padding, dilation and padding_mode are
+    (d, h, w) triples; 2D input uses their (h, w) part.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .reference import first_order_rotation, reference_operator
+from .rotation import pad_kernels, rotation_operator
+
+__all__ = ["CrossDConv"]
+
+ROTATIONS = ("none", "static", "dynamic")
+ROTATION_MODES = ("fourier", "reference")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _triple(value: int | tuple[int, ...], name: str) -> tuple[int, int, int]:
+    """An int, an (h, w) pair (depth takes h's value) or a (d, h, w) triple, as a triple."""
+    if isinstance(value, int):
+        return (value, value, value)
+    value = tuple(value)
+    if len(value) == 2:
+        value = (value[0], *value)
+    if len(value) != 3 or not all(isinstance(v, int) and v >= 0 for v in value):
+        raise ValueError(f"{name} must be a non-negative int, an (h, w) pair or a (d, h, w) triple; got {value}")
+    return value
+
+
+def _apply_operator(operator: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """(R, P, Q) operators on (C_out, C_in, Q) kernels: one shared operator, or one per output channel."""
+    if operator.shape[0] == 1:
+        return kernels @ operator[0].T
+    return torch.einsum("opq,oiq->oip", operator, kernels)
+
+
+class _PerSampleConv2d(torch.autograd.Function):
+    """conv2d of sample b with the kernels ``operator[b] @ weights``, without keeping them.
+
+    Keeping B kernel banks for backward is what makes the official dynamic layer cost
+    gigabytes; they are cheap to rebuild (one einsum) when backward needs them.
+    """
+
+    @staticmethod
+    def _kernels(operator, weights, size):
+        kernels = torch.einsum("bpq,oiq->boip", operator, weights)
+        return kernels.reshape(-1, weights.shape[1], *size)
+
+    @staticmethod
+    def forward(ctx, x, operator, weights, bias, stride, padding, dilation, groups, size):
+        batch = x.shape[0]
+        kernels = _PerSampleConv2d._kernels(operator, weights, size)
+        bias = None if bias is None else bias.repeat(batch)
+        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), kernels, bias, stride, padding, dilation, batch * groups)
+        ctx.save_for_backward(x, operator, weights)
+        ctx.options = (stride, padding, dilation, groups, size, bias is not None)
+        return out.reshape(batch, -1, *out.shape[2:])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, operator, weights = ctx.saved_tensors
+        stride, padding, dilation, groups, size, has_bias = ctx.options
+        need_x, need_operator, need_weights, need_bias = ctx.needs_input_grad[:4]
+        batch = x.shape[0]
+        kernels = _PerSampleConv2d._kernels(operator, weights, size)
+        grad_x, grad_kernels, grad_bias = torch.ops.aten.convolution_backward(
+            grad_out.reshape(1, -1, *grad_out.shape[2:]),
+            x.reshape(1, -1, *x.shape[2:]),
+            kernels,
+            [kernels.shape[0]] if has_bias else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], batch * groups,
+            [need_x, need_operator or need_weights, has_bias and need_bias],
+        )
+        grad_operator = grad_weights = None
+        if grad_kernels is not None:
+            grad_kernels = grad_kernels.reshape(batch, *weights.shape[:2], -1)
+            if need_operator:
+                grad_operator = torch.einsum("boip,oiq->bpq", grad_kernels, weights)
+            if need_weights:
+                grad_weights = torch.einsum("boip,bpq->oiq", grad_kernels, operator)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape)
+        if grad_bias is not None:
+            grad_bias = grad_bias.reshape(batch, -1).sum(0)
+        return grad_x, grad_operator, grad_weights, grad_bias, None, None, None, None, None
+
+
+class CrossDConv(nn.Module):
+    """A convolution that keeps a 3D kernel and applies it to 2D and 3D input.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode: as ``nn.Conv2d`` / ``nn.Conv3d``; kernel_size is one int k (the
+            kernel is a k^3 cube); padding may also be ``"same"`` or ``"valid"``.
+        rotation: ``"none"``; ``"static"``, a learned axis-angle (radians, (d, h, w) order)
+            per layer or, with ``rotation_per_channel``, per output channel; or
+            ``"dynamic"``, predicted per sample from the 2D input as in the paper (1x1 conv,
+            BatchNorm, ReLU, 1x1 conv to 4 channels, spatial-softmax pooling, axis
+            normalised, angle = (pi / 4) tanh). 3D input is convolved with the un-rotated U
+            under dynamic rotation, as the official evaluation does.
+        rotation_mode: ``"fourier"`` (exact rotation) or ``"reference"`` (the official
+            computation, parameter names that load official state dicts as they are).
+        rotation_per_channel: one static rotation per output channel.
+        kernel_support: odd size >= k to zero-pad U to before rotating: required for an
+            even k, and keeps large rotations from wrapping round the k-cube. The conv then
+            uses the larger kernel with padding grown to keep nn.Conv's output shape.
+
+    Shape:
+        (B, C_in, H, W) -> (B, C_out, H', W') and (B, C_in, D, H, W) -> (B, C_out, D', H', W'),
+        H', W', D' as for ``nn.Conv2d`` / ``nn.Conv3d`` with the same arguments.
+
+    Example:
+        >>> conv = CrossDConv(3, 8, 3, padding=1, rotation="static")
+        >>> conv(torch.randn(2, 3, 16, 16)).shape, conv(torch.randn(2, 3, 4, 16, 16)).shape
+        (torch.Size([2, 8, 16, 16]), torch.Size([2, 8, 4, 16, 16]))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        rotation: str = "none",
+        rotation_mode: str = "fourier",
+        *,
+        rotation_per_channel: bool = False,
+        kernel_support: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(kernel_size, int):
+            sizes = set(kernel_size)
+            if len(sizes) != 1:
+                raise ValueError(f"CrossDConv keeps a cubic k x k x k kernel; got kernel_size={kernel_size}")
+            kernel_size = sizes.pop()
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}; got {rotation!r}")
+        if rotation_mode not in ROTATION_MODES:
+            raise ValueError(f"rotation_mode must be one of {ROTATION_MODES}; got {rotation_mode!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}")
+        if kernel_support is None and kernel_size % 2 == 0 and rotation_mode == "fourier":
+            raise ValueError(
+                f"kernel_size {kernel_size} is even: Cross-D Conv needs a central slice. Pass "
+                f"kernel_support={kernel_size + 1} to zero-pad the kernel to an odd size"
+            )
+        if kernel_support is not None and (kernel_support % 2 == 0 or kernel_support < kernel_size):
+            raise ValueError(f"kernel_support must be odd and >= kernel_size ({kernel_size}); got {kernel_support}")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}")
+            if padding == "same" and _triple(stride, "stride") != (1, 1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv)")
+        else:
+            padding = _triple(padding, "padding")
+        if rotation_mode == "reference":
+            unsupported = {
+                "bias=True": bias,
+                "dilation != 1": _triple(dilation, "dilation") != (1, 1, 1),
+                "groups != 1": groups != 1,
+                f"padding_mode={padding_mode!r}": padding_mode != "zeros",
+                "rotation='static'": rotation == "static",
+                "kernel_support": kernel_support is not None,
+            }
+            refused = [name for name, present in unsupported.items() if present]
+            if refused:
+                raise ValueError(
+                    "rotation_mode='reference' reproduces the official layer, which has no bias, "
+                    "dilation, groups, padding modes, static rotation or kernel support; "
+                    f"cannot reproduce {', '.join(refused)}"
+                )
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = _triple(stride, "stride")
+        self.padding = padding
+        self.dilation = _triple(dilation, "dilation")
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.rotation = rotation
+        self.rotation_mode = rotation_mode
+        self.kernel_support = kernel_support
+        factory = {"device": device, "dtype": dtype}
+
+        self.weights_3d = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size, kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        if rotation == "static":
+            rows = out_channels if rotation_per_channel else 1
+            self.rotation_vector = nn.Parameter(torch.zeros(rows, 3, **factory))
+        if rotation == "dynamic":
+            self.rotation_params = nn.Sequential(
+                nn.Conv2d(in_channels, 16, kernel_size=1, **factory),
+                nn.BatchNorm2d(16, **factory),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(16, 4, kernel_size=1, **factory),
+            )
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As the official layer; the 2D bias bound is nn.Conv2d's (fan-in of the 2D kernel).
+        nn.init.kaiming_normal_(self.weights_3d, mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weights_3d.shape[1] * self.kernel_size**2)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def _support(self) -> int:
+        return self.kernel_support or self.kernel_size
+
+    def predict_rotation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dynamic rotation of each sample: unit axes (B, 3) in (d, h, w) order and angles (B,)."""
+        rotation_map = self.rotation_params(x).flatten(2)
+        pooled = (rotation_map * rotation_map.softmax(dim=-1)).sum(dim=-1)
+        axis = pooled[:, :3] / (pooled[:, :3].norm(dim=1, keepdim=True) + 1e-8)
+        angle = torch.tanh(pooled[:, 3]) * (math.pi / 4)
+        return axis, angle
+
+    def _plane_operator(self, axis: torch.Tensor | None = None, angle: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, s^2, s^3) maps from the (padded) 3D kernel to the 2D kernel.
+
+        For the layer's static rotation (or none) when ``axis`` is None, else for the
+        per-sample rotations by ``angle`` (B,) about the unit ``axis`` (B, 3).
+        """
+        weights = self.weights_3d
+        if self.rotation_mode == "reference":
+            if axis is None:
+                matrix = torch.eye(3, dtype=weights.dtype, device=weights.device).unsqueeze(0)
+            else:
+                matrix = first_order_rotation(axis, angle)
+            return reference_operator(matrix, self.kernel_size)
+        rotvec = self.rotation_vector if axis is None else axis * angle[:, None]
+        return rotation_operator(rotvec, self._support, central_plane=True, dtype=weights.dtype)
+
+    def _support_kernels(self) -> torch.Tensor:
+        if self.kernel_support is None:
+            return self.weights_3d
+        return pad_kernels(self.weights_3d, self.kernel_support)
+
+    def _static_kernel(self, spatial_dims: int) -> torch.Tensor:
+        """The kernel of a layer without dynamic rotation, or the 3D kernel of a dynamic one."""
+        weights = self.weights_3d
+        if spatial_dims == 3:
+            if self.rotation != "static":
+                return weights
+            operator = rotation_operator(self.rotation_vector, self._support, dtype=weights.dtype)
+            kernels = self._support_kernels()
+            return _apply_operator(operator, kernels.flatten(2)).reshape(kernels.shape)
+        if self.rotation_mode == "fourier" and self.rotation == "none":
+            return weights[:, :, self.kernel_size // 2]
+        operator = self._plane_operator()
+        support = self._support
+        kernels = _apply_operator(operator, self._support_kernels().flatten(2))
+        return kernels.reshape(*weights.shape[:2], support, support)
+
+    def _cached_static_kernel(self, spatial_dims: int) -> torch.Tensor:
+        # Inference re-uses the synthesised kernel until a parameter changes in place.
+        if self.training or torch.is_grad_enabled():
+            return self._static_kernel(spatial_dims)
+        params = [self.weights_3d] + ([self.rotation_vector] if self.rotation == "static" else [])
+        key = (spatial_dims, torch.is_inference_mode_enabled(), self.weights_3d.dtype, self.weights_3d.device)
+        key += tuple((p.data_ptr(), p._version) for p in params)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._static_kernel(spatial_dims))
+        return self._cache[1]
+
+    def _pad(self, x: torch.Tensor, extent: int) -> tuple[torch.Tensor, list[int]]:
+        """Pad ``x`` for a kernel of ``extent`` taps per axis; returns it and conv's own padding.
+
+        A kernel grown to its support needs more padding on the side it grew, so that the
+        output keeps nn.Conv's shape; uneven or non-zero padding is done here with F.pad.
+        """
+        spatial = x.ndim - 2
+        low_extra = (extent - self.kernel_size) // 2
+        high_extra = extent - self.kernel_size - low_extra
+        pairs = []
+        for axis in range(3 - spatial, 3):
+            dilation = self.dilation[axis]
+            if self.padding == "valid":
+                low = high = 0
+            elif self.padding == "same":
+                total = dilation * (self.kernel_size - 1)
+                low, high = total // 2, total - total // 2
+            else:
+                low = high = self.padding[axis]
+            pairs.append((low + low_extra * dilation, high + high_extra * dilation))
+        if self.padding_mode == "zeros" and all(low == high for low, high in pairs):
+            return x, [low for low, _ in pairs]
+        flat = [amount for pair in reversed(pairs) for amount in pair]
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, flat, mode=mode), [0] * spatial
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim not in (4, 5):
+            raise ValueError(
+                f"CrossDConv expects (B, C, H, W) or (B, C, D, H, W) input; got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"CrossDConv expects {self.in_channels} input channels (dim 1); got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"CrossDConv expects a floating-point input; got {x.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        spatial = x.ndim - 2
+        stride, dilation = self.stride[3 - spatial:], self.dilation[3 - spatial:]
+        if spatial == 2 and self.rotation == "dynamic":
+            axis, angle = self.predict_rotation(x)
+            operator = self._plane_operator(axis, angle)
+            x, padding = self._pad(x, self._support)
+            kernels = self._support_kernels().flatten(2)
+            return _PerSampleConv2d.apply(
+                x, operator, kernels, self.bias, stride, padding, dilation, self.groups, (self._support,) * 2
+            )
+        kernel = self._cached_static_kernel(spatial)
+        x, padding = self._pad(x, kernel.shape[-1])
+        conv = F.conv2d if spatial == 2 else F.conv3d
+        return conv(x, kernel, self.bias, stride, padding, dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, rotation={self.rotation!r}, rotation_mode={self.rotation_mode!r}"
+        )
+        if self.dilation != (1, 1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
+        if self.kernel_support is not None:
+            text += f", kernel_support={self.kernel_support}"
+        return text
