@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fourier import rotate_plane
+from .fourier import apply_line_matrices, line_matrices, plane_rotation_amounts
 
 __all__ = [
     "axis_angle_to_matrix",
@@ -166,13 +166,6 @@ def _euler_whd(rotation: torch.Tensor) -> torch.Tensor:
 _PLANES = ((-2, -1), (-1, -3), (-3, -2))
 
 
-def _rotate_planes(kernels: torch.Tensor, angles: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-    batch_shape = (-1,) + (1,) * (kernels.ndim - 1)
-    for axis in order:
-        kernels = rotate_plane(kernels, angles[:, axis].reshape(batch_shape), _PLANES[axis])
-    return kernels
-
-
 def _as_quaternions(rotation: torch.Tensor) -> torch.Tensor:
     if rotation.ndim != 2 or rotation.shape[-1] not in (3, 4):
         raise ValueError(
@@ -250,12 +243,27 @@ def rotate_kernels(
     half = F.normalize(residual + torch.eye(1, 4, dtype=residual.dtype, device=residual.device), dim=-1)
     left = _quaternion_product(_quaternion_product(turn, half), _conjugate(turn))
 
-    rotated = _rotate_planes(kernels.to(compute_dtype).unsqueeze(0), _euler_whd(quaternion_to_matrix(half)), (2, 1, 0))
-    flat = rotated.reshape(len(target), -1, size**3)
-    sources = _quarter_turn_sources(size, kernels.device)[nearest]
-    flat = flat.gather(-1, sources.unsqueeze(1).expand_as(flat))
-    rotated = _rotate_planes(flat.reshape(rotated.shape), _euler_dhw(quaternion_to_matrix(left)), (0, 1, 2))
+    # H about w, h, d; the quarter turn; S about d, h, w: all 18 shear matrices in one batch.
+    half_angles = _euler_whd(quaternion_to_matrix(half)).flip(-1)
+    left_angles = _euler_dhw(quaternion_to_matrix(left))
+    amounts = plane_rotation_amounts(torch.cat([half_angles, left_angles], dim=-1))
+    matrices = line_matrices(amounts, size)  # (R, 6 planes, 3 shears, k, k, k)
+    rotated = kernels.to(compute_dtype).unsqueeze(0)
+    for plane, axis in enumerate((2, 1, 0, 0, 1, 2)):
+        if plane == 3:
+            flat = rotated.reshape(len(target), -1, size**3)
+            sources = _quarter_turn_sources(size, kernels.device)[nearest]
+            rotated = flat.gather(-1, sources.unsqueeze(1).expand_as(flat)).reshape(rotated.shape)
+        a, b = _PLANES[axis]
+        for step, (shift_dim, coord_dim) in enumerate(((a, b), (b, a), (a, b))):
+            rotated = apply_line_matrices(rotated, matrices[:, plane, step], shift_dim, coord_dim)
     return rotated.to(kernels.dtype)
+
+
+def _inverse(rotation: torch.Tensor) -> torch.Tensor:
+    if rotation.shape[-1] == 3:
+        return -rotation
+    return torch.cat([rotation[..., :1], -rotation[..., 1:]], dim=-1)
 
 
 def rotation_operator(
@@ -270,9 +278,11 @@ def rotation_operator(
 
     A rotated kernel is linear in the kernel, so each rotation is a (k^3, k^3) matrix — or,
     for the 2D forward of Cross-D Conv, its (k^2, k^3) rows of the central plane d = k//2.
-    Built by pushing the k^3 unit kernels through :func:`rotate_kernels`, so it agrees with
-    it to rounding and is differentiable in ``rotation``. Applying it is one einsum over a
-    whole kernel bank, far cheaper than shearing the bank itself.
+    M is orthogonal and ``rotate_kernels`` inverts exactly, so row p of M is the unit kernel
+    e_p rotated by the inverse rotation: only the k^2 central-plane units are rotated for the
+    2D operator. Agrees with :func:`rotate_kernels` to rounding and is differentiable in
+    ``rotation``. Applying it is one matrix product over a whole kernel bank, far cheaper
+    than shearing the bank itself.
 
     Args:
         rotation: (R, 3) axis-angle or (R, 4) quaternions, as in :func:`rotate_kernels`.
@@ -286,7 +296,6 @@ def rotation_operator(
     device = rotation.device if device is None else torch.device(device)
     size = kernel_size
     units = torch.eye(size**3, dtype=dtype, device=device).reshape(size**3, size, size, size)
-    rotated = rotate_kernels(units, rotation)  # (R, q, d, h, w): column q of M
     if central_plane:
-        rotated = rotated[..., size // 2, :, :]
-    return rotated.flatten(2).transpose(1, 2)
+        units = units[size**2 * (size // 2) : size**2 * (size // 2 + 1)]
+    return rotate_kernels(units, _inverse(rotation)).flatten(2)
