@@ -223,26 +223,34 @@ def test_static_rotation_per_output_channel(camera):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dynamic_rotation_equals_per_sample_rotated_conv(device, camera):
+@pytest.mark.parametrize(
+    ("image_step", "groups"),
+    [(8, 1), (40, 1), (8, 3)],
+    ids=["per-sample kernels", "mixed taps", "grouped"],  # 32^2 and 7^2 outputs: both paths
+)
+def test_dynamic_rotation_equals_per_sample_rotated_conv(device, image_step, groups):
     torch.manual_seed(0)
-    conv = CrossDConv(3, 5, 3, stride=2, padding=1, rotation="dynamic", dtype=torch.float64, device=device).eval()
-    batch = torch.stack([camera.expand(3, -1, -1), camera.flip(-1).expand(3, -1, -1)]).to(device)
-    batch = batch * torch.tensor([1.0, 0.5, -1.0], dtype=torch.float64, device=device)[:, None, None]
+    camera = torch.from_numpy(skimage.data.camera()[::image_step, ::image_step].copy()).double() / 255
+    conv = CrossDConv(3, 6, 3, stride=2, padding=1, groups=groups, rotation="dynamic", dtype=torch.float64,
+                      device=device).eval()
+    channel_mix = torch.tensor([[1.0, 0.5, -1.0], [-0.3, 1.2, 0.4]], dtype=torch.float64)
+    batch = (channel_mix[:, :, None, None] * camera).to(device)
     axis, angle = conv.predict_rotation(batch)
     assert torch.all(angle.abs() <= math.pi / 4) and angle.abs().min() > 0
     torch.testing.assert_close(axis.norm(dim=1), torch.ones(2, dtype=torch.float64, device=device))
     out = conv(batch)
     for b in range(2):
         kernel = rotate_kernels(conv.weights_3d, (axis[b] * angle[b])[None])[0]
-        expected = F.conv2d(batch[b : b + 1], kernel[:, :, 1], conv.bias, stride=2, padding=1)
+        expected = F.conv2d(batch[b : b + 1], kernel[:, :, 1], conv.bias, stride=2, padding=1, groups=groups)
         torch.testing.assert_close(out[b : b + 1], expected.detach())
 
 
-def test_gradcheck_dynamic_layer_through_every_parameter():
+@pytest.mark.parametrize("size", [(5, 6), (9, 8)], ids=["mixed taps", "per-sample kernels"])
+def test_gradcheck_dynamic_layer_through_every_parameter(size):
     torch.manual_seed(0)
     conv = CrossDConv(2, 3, 3, padding=1, groups=1, rotation="dynamic", dtype=torch.float64).eval()
     names = [name for name, _ in conv.named_parameters()]
-    inputs = [torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)]
+    inputs = [torch.randn(2, 2, *size, dtype=torch.float64, requires_grad=True)]
     inputs += [p.detach().clone().requires_grad_() for p in conv.parameters()]
 
     def forward(x, *params):

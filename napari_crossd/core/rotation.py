@@ -247,7 +247,8 @@ def rotate_kernels(
     half_angles = _euler_whd(quaternion_to_matrix(half)).flip(-1)
     left_angles = _euler_dhw(quaternion_to_matrix(left))
     amounts = plane_rotation_amounts(torch.cat([half_angles, left_angles], dim=-1))
-    matrices = line_matrices(amounts, size)  # (R, 6 planes, 3 shears, k, k, k)
+    # (R, 18 shears, k, k, k), split once: per-shear indexing costs a full-size gradient each.
+    matrices = line_matrices(amounts, size).flatten(1, 2).unbind(1)
     rotated = kernels.to(compute_dtype).unsqueeze(0)
     for plane, axis in enumerate((2, 1, 0, 0, 1, 2)):
         if plane == 3:
@@ -256,7 +257,7 @@ def rotate_kernels(
             rotated = flat.gather(-1, sources.unsqueeze(1).expand_as(flat)).reshape(rotated.shape)
         a, b = _PLANES[axis]
         for step, (shift_dim, coord_dim) in enumerate(((a, b), (b, a), (a, b))):
-            rotated = apply_line_matrices(rotated, matrices[:, plane, step], shift_dim, coord_dim)
+            rotated = apply_line_matrices(rotated, matrices[3 * plane + step], shift_dim, coord_dim)
     return rotated.to(kernels.dtype)
 
 
