@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
-import nibabel as nib
 import pytest
 import skimage.data
 import torch
@@ -29,17 +26,6 @@ DTYPES = [torch.float32, torch.float64]
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10}
 # rot90 dims equal to +pi/2 about d, h and w (the public convention).
 QUARTER_TURN_DIMS = [(-2, -1), (-1, -3), (-3, -2)]
-
-
-@pytest.fixture(scope="module")
-def mni_t1() -> torch.Tensor:
-    """A real T1 MRI crop (the MNI152 template shipped with nilearn), scaled to [0, 1]."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None:
-        pytest.skip("nilearn is not installed (the test set-up installs it)")
-    path = Path(spec.origin).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-    volume = torch.from_numpy(nib.load(path).get_fdata()[70:86, 80:120, 70:112].copy())
-    return volume / volume.max()
 
 
 @pytest.fixture(scope="module")

@@ -639,3 +639,17 @@ def test_crossd_backbone_inflates_its_learned_kernels(astronaut_image):
     # The probe runs the Cross-D layers' 2D forward, rotation network included.
     flat = inflate(model, "centre", depth_preserving_stages=2)
     assert flat.conv1.kernel_size == (1, 7, 7) and flat.layer1[0].conv1.kernel_size == (3, 3, 3)
+
+
+def test_centre_imagenet_mobilenet_on_real_mri_is_2d_on_the_strided_slices(mobilenet_imagenet, mni_t1):
+    """Centre kernels touch only their own slice, so with the network's full depth strides the
+    feature at depth j of a stride-S stage is the 2D feature of slice S * j: a real MRI volume."""
+    slices = (mni_t1[:, :, :40] - IMAGENET_MEAN.mean()) / IMAGENET_STD.mean()
+    volume = slices.float().expand(3, -1, -1, -1).unsqueeze(0)  # (1, 3, 16, 40, 40)
+    with torch.no_grad():
+        features = inflate(mobilenet_imagenet, "centre").forward_features(volume)
+        for stage, got in enumerate(features):
+            strided_slices = volume[0, :, :: 2 ** (stage + 1)].transpose(0, 1)  # (D / S, 3, H, W)
+            want = mobilenet_imagenet.forward_features(strided_slices)[stage]
+            assert max_rel_diff(got, want.transpose(0, 1).unsqueeze(0)) < 1e-5
+    assert [f.shape[2] for f in features] == [8, 4, 2, 1, 1]

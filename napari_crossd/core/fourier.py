@@ -128,9 +128,9 @@ def apply_line_matrices(kernels: torch.Tensor, matrices: torch.Tensor, shift_dim
         (R, ..., k, k, k).
     """
     moved = kernels.movedim((coord_dim, shift_dim), (-2, -1))
-    matrices = matrices.reshape(matrices.shape[0], *(1,) * (moved.ndim - 3), *matrices.shape[1:])
-    # Broadcast multiply-and-sum: a batched matmul of this many k x k matrices costs ~100x more.
-    sheared = (matrices * moved.unsqueeze(-2)).sum(dim=-1)
+    moved = moved.expand(matrices.shape[0], *moved.shape[1:])
+    lines = moved.reshape(moved.shape[0], -1, *moved.shape[-2:])  # (R, N, k_b, k_a)
+    sheared = torch.einsum("rnba,rbca->rnbc", lines, matrices).reshape(moved.shape)
     return sheared.movedim((-2, -1), (coord_dim, shift_dim))
 
 

@@ -50,8 +50,11 @@ def reference_operator(
     """The official synthesis as matrices on flattened kernels, one per ``matrix``.
 
     ``kernels_2d.flatten(-2) == M @ U.flatten(-3)`` where the official code computes
-    ``ifftn(fftn(U) * exp(-2 pi i sum(R f))).real[..., k // 2, :, :]``; built by pushing
-    the k^3 unit kernels through exactly that computation.
+    ``ifftn(fftn(U) * exp(-2 pi i sum(R f))).real[..., k // 2, :, :]``. The phase is
+    ``exp(-2 pi i f . s)`` with ``s = R^T (1, 1, 1)``: separable, so M is the real part of
+    a Kronecker product of three 1D complex shift matrices ``(1/k) sum_n exp(2 pi i nu_n
+    (i - j - s_a))`` (complex: an even k has a Nyquist bin whose shift is not real, and the
+    official ``.real`` is taken after all three axes).
 
     Args:
         matrix: (B, 3, 3), e.g. from :func:`first_order_rotation`.
@@ -62,13 +65,13 @@ def reference_operator(
         (B, k^2, k^3), or (B, k^3, k^3) without ``central_plane``; dtype of ``matrix``.
     """
     size = kernel_size
+    shifts = matrix.sum(dim=-2)  # (B, 3): R^T (1, 1, 1)
     freq = torch.fft.fftfreq(size, dtype=matrix.dtype, device=matrix.device)
-    grid = torch.stack(torch.meshgrid(freq, freq, freq, indexing="ij"))  # (3, k, k, k)
-    rotated_freq = torch.einsum("bij,jxyz->bixyz", matrix, grid)
-    phase = torch.exp(-2j * math.pi * rotated_freq.sum(dim=1))  # (B, k, k, k)
-    units = torch.eye(size**3, dtype=matrix.dtype, device=matrix.device)
-    spectrum = torch.fft.fftn(units.reshape(size**3, size, size, size), dim=(-3, -2, -1))
-    shifted = torch.fft.ifftn(spectrum * phase.unsqueeze(1), dim=(-3, -2, -1)).real
+    index = torch.arange(size, dtype=matrix.dtype, device=matrix.device)
+    phase = (2 * math.pi) * ((index[:, None] - index[None, :])[..., None] - shifts[:, :, None, None, None]) * freq
+    shift_matrices = torch.complex(torch.cos(phase), torch.sin(phase)).mean(dim=-1)  # (B, 3, k, k)
+    along_d, along_h, along_w = shift_matrices.unbind(1)
     if central_plane:
-        shifted = shifted[..., size // 2, :, :]
-    return shifted.flatten(2).transpose(1, 2)
+        along_d = along_d[:, size // 2 : size // 2 + 1]
+    operator = torch.einsum("bxX,byY,bzZ->bxyzXYZ", along_d, along_h, along_w).real
+    return operator.reshape(matrix.shape[0], -1, size**3)

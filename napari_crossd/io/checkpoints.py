@@ -355,7 +355,16 @@ def save_model(
         raise ValueError(f"model.crossd_meta is not JSON-serialisable: {err}") from None
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(state, path, metadata={"napari_crossd": text})
     sidecar = _sidecar(path)
-    sidecar.write_text(text + "\n")
+    # Written beside the targets and renamed into place: a failed save leaves an earlier
+    # model at the same path whole.
+    partial = [target.with_name(f".{target.name}.partial") for target in (path, sidecar)]
+    try:
+        safetensors.torch.save_file(state, partial[0], metadata={"napari_crossd": text})
+        partial[1].write_text(text + "\n")
+        for temporary, target in zip(partial, (path, sidecar), strict=True):
+            temporary.replace(target)
+    finally:
+        for temporary in partial:
+            temporary.unlink(missing_ok=True)
     return [path, sidecar]
