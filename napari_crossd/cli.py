@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a 2D checkpoint (torchvision, official Cross-D, or saved by napari-crossd), "
                     "inflate it to 3D and save it so that napari_crossd.load_model reloads it.",
     )
-    inflate.add_argument("src", type=Path, help="2D checkpoint: .pth/.pt/.ckpt/.safetensors")
+    inflate.add_argument("src", help="2D checkpoint (.pth/.pt/.ckpt/.safetensors), or 'default' for the "
+                                     "ImageNet MobileNetV2 weights installed with the package")
     inflate.add_argument("--arch", default="auto", choices=("auto", *ARCHITECTURES),
                          help="architecture (default: detected from the weights)")
     inflate.add_argument("--strategy", default="i3d", choices=STRATEGIES,

