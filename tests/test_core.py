@@ -139,13 +139,14 @@ def test_fourier_shift_by_integer_is_roll_and_half_shift_is_interpolation():
 
 
 @pytest.mark.parametrize("central_plane", [False, True])
-def test_rotation_operator_agrees_with_rotate_kernels(central_plane):
-    kernels = _random_bank(torch.float64, "cpu")
+@pytest.mark.parametrize("size", [3, 5, 7])  # multiplied-out shears up to 5, rotated unit kernels above
+def test_rotation_operator_agrees_with_rotate_kernels(central_plane, size):
+    kernels = _random_bank(torch.float64, "cpu", size=size)
     rotvecs = _random_rotations(5, 1.0, torch.float64, "cpu")
-    operator = rotation_operator(rotvecs, 5, central_plane=central_plane, dtype=torch.float64)
+    operator = rotation_operator(rotvecs, size, central_plane=central_plane, dtype=torch.float64)
     rotated = rotate_kernels(kernels, rotvecs)
     if central_plane:
-        rotated = rotated[..., 2, :, :]
+        rotated = rotated[..., size // 2, :, :]
     applied = torch.einsum("rpq,ocq->rocp", operator, kernels.flatten(-3))
     torch.testing.assert_close(applied, rotated.flatten(-2 if central_plane else -3))
 

@@ -44,6 +44,14 @@ __all__ = [
 ]
 
 
+@functools.cache
+def _levi_civita() -> torch.Tensor:
+    symbol = torch.zeros(3, 3, 3, dtype=torch.float64)
+    for i, j, k in itertools.permutations(range(3)):
+        symbol[i, j, k] = torch.linalg.det(torch.eye(3, dtype=torch.float64)[[i, j, k]])
+    return symbol
+
+
 def quaternion_to_matrix(quaternion: torch.Tensor) -> torch.Tensor:
     """Rotation matrices from quaternions (q0, qd, qh, qw), scalar first; normalised here.
 
@@ -53,13 +61,15 @@ def quaternion_to_matrix(quaternion: torch.Tensor) -> torch.Tensor:
     Returns:
         (..., 3, 3) rotation matrices acting on (d, h, w) coordinates.
     """
-    q0, qd, qh, qw = F.normalize(quaternion, dim=-1).unbind(-1)
-    rows = (
-        (1 - 2 * (qh * qh + qw * qw), 2 * (qd * qh - qw * q0), 2 * (qd * qw + qh * q0)),
-        (2 * (qd * qh + qw * q0), 1 - 2 * (qd * qd + qw * qw), 2 * (qh * qw - qd * q0)),
-        (2 * (qd * qw - qh * q0), 2 * (qh * qw + qd * q0), 1 - 2 * (qd * qd + qh * qh)),
-    )
-    return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+    quaternion = F.normalize(quaternion, dim=-1)
+    scalar, vector = quaternion[..., :1, None], quaternion[..., 1:]
+    eye = torch.eye(3, dtype=quaternion.dtype, device=quaternion.device)
+    # R = (w^2 - |v|^2) I + 2 v v^T + 2 w [v]x, with [v]x[i, j] = -epsilon_ijk v_k.
+    levi_civita = _levi_civita().to(device=quaternion.device, dtype=quaternion.dtype)
+    cross = -(vector @ levi_civita.reshape(9, 3).T).reshape(*vector.shape[:-1], 3, 3)
+    outer = vector[..., :, None] * vector[..., None, :]
+    squared_norm = (vector * vector).sum(-1)[..., None, None]
+    return (scalar.square() - squared_norm) * eye + 2 * outer + 2 * scalar * cross
 
 
 def _axis_angle_to_quaternion(rotvec: torch.Tensor) -> torch.Tensor:
@@ -233,7 +243,34 @@ def rotate_kernels(
             "to zero-pad to an odd size (see pad_kernels for the trade-off)"
         )
     compute_dtype = kernels.dtype if kernels.dtype in (torch.float32, torch.float64) else torch.float32
-    target = _as_quaternions(rotation.to(device=kernels.device, dtype=compute_dtype))
+    matrices, sources = _decompose(rotation.to(device=kernels.device, dtype=compute_dtype), size)
+    rotated = kernels.to(compute_dtype).unsqueeze(0)
+    for index, (shift_dim, coord_dim) in enumerate(_SHEARS):
+        if index == _QUARTER_TURN_AT:
+            flat = rotated.reshape(len(sources), -1, size**3)
+            rotated = flat.gather(-1, sources.unsqueeze(1).expand_as(flat)).reshape(rotated.shape)
+        rotated = apply_line_matrices(rotated, matrices[:, index], shift_dim, coord_dim)
+    return rotated.to(kernels.dtype)
+
+
+# The decomposition as a sequence, in the order applied: H about w, h, d; the quarter turn;
+# S about d, h, w; each plane rotation (a, b) is shears along a, then b, then a.
+_SHEARS = tuple(
+    pair
+    for axis in (2, 1, 0, 0, 1, 2)
+    for pair in ((_PLANES[axis][0], _PLANES[axis][1]), (_PLANES[axis][1], _PLANES[axis][0]), _PLANES[axis])
+)
+_QUARTER_TURN_AT = 9
+
+
+def _decompose(rotation: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 18 shears and the quarter turn of each rotation (see the module docstring).
+
+    Returns:
+        (R, 18, k, k, k) shift matrices per shear (line coordinate, out, in), in the order of
+        :data:`_SHEARS`, and (R, k^3) flat source voxels of each rotation's quarter turn.
+    """
+    target = _as_quaternions(rotation)
     turns = _quarter_turn_quaternions().to(device=target.device, dtype=target.dtype)
     with torch.no_grad():
         nearest = (target @ turns.T).abs().argmax(dim=-1)
@@ -242,23 +279,55 @@ def rotate_kernels(
     residual = residual * torch.where(residual[:, :1] < 0, -1.0, 1.0)
     half = F.normalize(residual + torch.eye(1, 4, dtype=residual.dtype, device=residual.device), dim=-1)
     left = _quaternion_product(_quaternion_product(turn, half), _conjugate(turn))
-
-    # H about w, h, d; the quarter turn; S about d, h, w: all 18 shear matrices in one batch.
     half_angles = _euler_whd(quaternion_to_matrix(half)).flip(-1)
     left_angles = _euler_dhw(quaternion_to_matrix(left))
     amounts = plane_rotation_amounts(torch.cat([half_angles, left_angles], dim=-1))
-    # (R, 18 shears, k, k, k), split once: per-shear indexing costs a full-size gradient each.
-    matrices = line_matrices(amounts, size).flatten(1, 2).unbind(1)
-    rotated = kernels.to(compute_dtype).unsqueeze(0)
-    for plane, axis in enumerate((2, 1, 0, 0, 1, 2)):
-        if plane == 3:
-            flat = rotated.reshape(len(target), -1, size**3)
-            sources = _quarter_turn_sources(size, kernels.device)[nearest]
-            rotated = flat.gather(-1, sources.unsqueeze(1).expand_as(flat)).reshape(rotated.shape)
-        a, b = _PLANES[axis]
-        for step, (shift_dim, coord_dim) in enumerate(((a, b), (b, a), (a, b))):
-            rotated = apply_line_matrices(rotated, matrices[3 * plane + step], shift_dim, coord_dim)
-    return rotated.to(kernels.dtype)
+    return line_matrices(amounts, size).flatten(1, 2), _quarter_turn_sources(size, rotation.device)[nearest]
+
+
+@functools.cache
+def _dense_shear_layout(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each shear's line-matrix entries sit in its dense (k^3, k^3) matrix.
+
+    Returns (18, k^3, k^3) indices into the flattened (k, k, k) line matrices and a 0/1
+    mask: ``dense[X, Y] = lines[x_b, x_a, y_a]`` where X and Y agree off the shift axis a.
+    """
+    axis = torch.arange(size)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    out, into = grid[:, None, :], grid[None, :, :]  # X (rows) and Y (columns)
+    indices, masks = [], []
+    for shift_dim, coord_dim in _SHEARS:
+        a, b = shift_dim + 3, coord_dim + 3
+        indices.append((out[..., b] * size + out[..., a]) * size + into[..., a])
+        masks.append(((out == into).sum(-1) - (out[..., a] == into[..., a]).long()) == 2)
+    return torch.stack(indices).to(device), torch.stack(masks).to(device)
+
+
+def _chain(matrices: torch.Tensor) -> torch.Tensor:
+    """Product of (R, n, N, N) matrices in application order (the first applied first)."""
+    while matrices.shape[1] > 1:
+        pairs = matrices[:, 1::2] @ matrices[:, 0 : matrices.shape[1] - 1 : 2]
+        matrices = pairs if matrices.shape[1] % 2 == 0 else torch.cat([pairs, matrices[:, -1:]], dim=1)
+    return matrices[:, 0]
+
+
+def _dense_rotation_matrices(rotation: torch.Tensor, size: int) -> torch.Tensor:
+    """(R, k^3, k^3): the same shears and quarter turn as :func:`rotate_kernels`, multiplied out.
+
+    For small kernels a handful of batched matrix products replaces the ~100 small
+    operations of shearing unit kernels one shear at a time; they are launch-bound on a GPU.
+    """
+    lines, sources = _decompose(rotation, size)
+    index, mask = _dense_shear_layout(size, rotation.device)
+    dense = lines.flatten(2)[:, torch.arange(len(_SHEARS), device=rotation.device)[:, None, None], index] * mask
+    before = _chain(dense[:, :_QUARTER_TURN_AT])
+    before = before.gather(1, sources[..., None].expand_as(before))
+    return _chain(dense[:, _QUARTER_TURN_AT:]) @ before
+
+
+# Largest kernel whose rotation is multiplied out densely in rotation_operator: (5^3)^2
+# entries per shear; at 7 the dense shears (18 x 343^2 per rotation) cost more than they save.
+DENSE_UP_TO = 5
 
 
 def _inverse(rotation: torch.Tensor) -> torch.Tensor:
@@ -296,7 +365,11 @@ def rotation_operator(
     """
     device = rotation.device if device is None else torch.device(device)
     size = kernel_size
-    units = torch.eye(size**3, dtype=dtype, device=device).reshape(size**3, size, size, size)
-    if central_plane:
-        units = units[size**2 * (size // 2) : size**2 * (size // 2 + 1)]
+    central = slice(size**2 * (size // 2), size**2 * (size // 2 + 1)) if central_plane else slice(None)
+    if size <= DENSE_UP_TO:
+        if size % 2 == 0:
+            raise ValueError(f"kernel size {size} is even: a rotation needs a central voxel")
+        compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        return _dense_rotation_matrices(rotation.to(device, compute_dtype), size)[:, central].to(dtype)
+    units = torch.eye(size**3, dtype=dtype, device=device).reshape(size**3, size, size, size)[central]
     return rotate_kernels(units, _inverse(rotation)).flatten(2)
