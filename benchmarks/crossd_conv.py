@@ -70,12 +70,12 @@ def layer_arms(channels: int) -> dict[str, tuple[nn.Module, int]]:
 
 
 def bench_layers(device: str, batch: int, channels: int, size_2d: int, size_3d: int, repeats: int) -> list[dict]:
-    rows = []
+    """Every arm timed once per round, rounds interleaved: drift in the machine hits all arms alike."""
+    arms = []
     for name, (layer, spatial) in layer_arms(channels).items():
         layer = layer.to(device).train()
         shape = (batch, channels) + ((size_2d,) * 2 if spatial == 2 else (size_3d,) * 3)
         x = torch.randn(shape, device=device, requires_grad=True)
-        reps = repeats if spatial == 2 or device == "cuda" else max(3, repeats // 4)
 
         def forward(layer=layer, x=x):
             with torch.no_grad():
@@ -85,13 +85,20 @@ def bench_layers(device: str, batch: int, channels: int, size_2d: int, size_3d: 
             layer.zero_grad(set_to_none=False)
             layer(x).sum().backward()
 
-        rows.append({
-            "arm": name,
-            "input": "x".join(map(str, shape)),
-            "forward_ms": 1e3 * median_seconds(forward, device, reps),
-            "forward_backward_ms": 1e3 * median_seconds(forward_backward, device, reps),
-        })
-    return rows
+        arms.append((name, shape, forward, forward_backward))
+    times = {name: ([], []) for name, *_ in arms}
+    for round_index in range(repeats + 2):
+        for name, _, forward, forward_backward in arms:
+            for step, series in zip((forward, forward_backward), times[name], strict=True):
+                seconds = median_seconds(step, device, repeats=1, warmup=0)
+                if round_index >= 2:  # the first two rounds warm up
+                    series.append(seconds)
+    return [
+        {"arm": name, "input": "x".join(map(str, shape)),
+         "forward_ms": 1e3 * statistics.median(times[name][0]),
+         "forward_backward_ms": 1e3 * statistics.median(times[name][1])}
+        for name, shape, *_ in arms
+    ]
 
 
 RESNET_ARMS = {

@@ -164,14 +164,6 @@ def _euler_dhw(rotation: torch.Tensor) -> torch.Tensor:
     return torch.stack([about_d, about_h, about_w], dim=-1)
 
 
-def _euler_whd(rotation: torch.Tensor) -> torch.Tensor:
-    """Angles (a, b, c) with ``rotation = R_d(a) R_h(b) R_w(c)``; (R, 3, 3) -> (R, 3)."""
-    about_d = torch.atan2(-rotation[:, 1, 2], rotation[:, 2, 2])
-    about_h = torch.asin(rotation[:, 0, 2].clamp(-1.0, 1.0))
-    about_w = torch.atan2(-rotation[:, 0, 1], rotation[:, 0, 0])
-    return torch.stack([about_d, about_h, about_w], dim=-1)
-
-
 # The plane turned by a positive rotation about d, h and w.
 _PLANES = ((-2, -1), (-1, -3), (-3, -2))
 
@@ -279,8 +271,10 @@ def _decompose(rotation: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.T
     residual = residual * torch.where(residual[:, :1] < 0, -1.0, 1.0)
     half = F.normalize(residual + torch.eye(1, 4, dtype=residual.dtype, device=residual.device), dim=-1)
     left = _quaternion_product(_quaternion_product(turn, half), _conjugate(turn))
-    half_angles = _euler_whd(quaternion_to_matrix(half)).flip(-1)
-    left_angles = _euler_dhw(quaternion_to_matrix(left))
+    half_matrix, left_matrix = quaternion_to_matrix(torch.stack([half, left]))
+    # H = R_d(a) R_h(b) R_w(c) exactly when H^T = R_w(-c) R_h(-b) R_d(-a): one Euler solver.
+    angles = _euler_dhw(torch.cat([half_matrix.transpose(-1, -2), left_matrix]))
+    half_angles, left_angles = -angles[: len(half)].flip(-1), angles[len(half) :]
     amounts = plane_rotation_amounts(torch.cat([half_angles, left_angles], dim=-1))
     return line_matrices(amounts, size).flatten(1, 2), _quarter_turn_sources(size, rotation.device)[nearest]
 
