@@ -5,10 +5,10 @@
 Layers: B=8, C=64 -> 64, k=3, 56x56 (2D) and 32^3 (3D); forward and forward+backward,
 median of repeated runs after warm-up. Networks: one ResNet-18 training step (forward,
 backward, SGD step) at B=8, 112x112, plain against Cross-D with dynamic rotation (exact
-and reference mode), time and peak memory. CPU peak memory is the rise of the process's
-peak resident set during one step above its resting state (parameters, gradients and
-optimiser state already allocated), each arm in a fresh process; CUDA peak memory is
-``torch.cuda.max_memory_allocated`` over the step, everything included.
+and reference mode), time and peak memory. 'Step peak' is the most memory allocated during
+one step above what was allocated before it (parameters, gradients and optimiser state),
+from the profiler's allocation records on the CPU and ``torch.cuda.max_memory_allocated``
+on CUDA, each arm in a fresh process; CUDA also reports the total peak.
 """
 
 from __future__ import annotations
@@ -108,20 +108,19 @@ RESNET_ARMS = {
 }
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+def cpu_step_peak_bytes(step) -> int:
+    """Peak of bytes allocated during ``step`` above what was allocated before it, on the CPU.
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    From the profiler's per-operator allocations (frees count negative), replayed in order:
+    exact where the process's resident set is not (the C allocator keeps freed pages).
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
 def resnet_step(arm: str, device: str, batch: int, size: int, repeats: int) -> dict:
@@ -148,10 +147,7 @@ def resnet_step(arm: str, device: str, batch: int, size: int, repeats: int) -> d
         peak = torch.cuda.max_memory_allocated()
         step_peak = peak - torch.cuda.memory_allocated()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # restart the peak-RSS counter here
-        before = _rss_bytes()
-        step()
-        step_peak = _peak_rss_bytes() - before
+        step_peak = cpu_step_peak_bytes(step)
         peak = None
     return {"arm": arm, "step_ms": 1e3 * seconds, "state_mb": state_bytes / 2**20,
             "step_peak_mb": step_peak / 2**20, "total_peak_mb": None if peak is None else peak / 2**20}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -443,3 +444,21 @@ def test_multiplied_out_shears_equal_the_shear_steps(size):
     dense = _dense_rotation_matrices(rotvecs, size)
     applied = torch.einsum("rpq,ocq->rocp", dense, kernels.flatten(-3))
     torch.testing.assert_close(applied, rotate_kernels(kernels, rotvecs).flatten(-3))
+
+
+def test_recomputed_rotation_head_trains_as_if_kept():
+    """The head is recomputed in backward: gradients and BatchNorm statistics as without that."""
+    torch.manual_seed(0)
+    conv = CrossDConv(3, 4, 3, padding=1, rotation="dynamic", dtype=torch.float64).train()
+    reference = copy.deepcopy(conv)
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    conv(x).square().sum().backward()
+
+    axis, angle = reference.predict_rotation(x)  # kept activations, statistics updated once
+    rotated = torch.stack([rotate_kernels(reference.weights_3d, (axis[b] * angle[b])[None])[0] for b in range(2)])
+    out = torch.cat([F.conv2d(x[b : b + 1], rotated[b, :, :, 1], reference.bias, padding=1) for b in range(2)])
+    out.square().sum().backward()
+    for (name, got), want in zip(conv.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, msg=name)
+    for (name, got), want in zip(conv.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(got, want, msg=name)

@@ -13,11 +13,13 @@ Convention:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .reference import first_order_rotation, reference_operator
 from .rotation import pad_kernels, rotation_operator
@@ -59,6 +61,26 @@ def _per_sample_kernels(operator: torch.Tensor, weights: torch.Tensor, size: tup
     # B times and transposed the result (~3x slower on a Cross-D ResNet-18 step).
     kernels = torch.matmul(weights.reshape(-1, weights.shape[-1]), operator.transpose(1, 2))
     return kernels.reshape(-1, weights.shape[1], *size)
+
+
+class _FrozenStatistics:
+    """While entered, BatchNorm layers of a module normalise with batch statistics but leave
+    their running ones. Re-entrant: a backward may recompute more than once."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+                      for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, tracked) in zip(self.norms, self.saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class _PerSampleConv2d(torch.autograd.Function):
@@ -312,6 +334,21 @@ class CrossDConv(nn.Module):
         angle = torch.tanh(pooled[:, 3]) * (math.pi / 4)
         return axis, angle
 
+    def _recomputed_rotation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_rotation` whose activations are recomputed in backward, not kept.
+
+        The head runs at the layer's input resolution with 16 + 16 + 4 channels: on a stem
+        that is more activation memory than the convolution's own. Recomputing it is two
+        1x1 convs; its BatchNorm statistics are frozen during the recomputation so they
+        move once per step, as without it.
+        """
+        if not torch.is_grad_enabled():
+            return self.predict_rotation(x)
+        return checkpoint(
+            self.predict_rotation, x, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _FrozenStatistics(self.rotation_params)),
+        )
+
     def _plane_operator(self, axis: torch.Tensor | None = None, angle: torch.Tensor | None = None) -> torch.Tensor:
         """(R, s^2, s^3) maps from the (padded) 3D kernel to the 2D kernel.
 
@@ -403,7 +440,7 @@ class CrossDConv(nn.Module):
         spatial = x.ndim - 2
         stride, dilation = self.stride[3 - spatial:], self.dilation[3 - spatial:]
         if spatial == 2 and self.rotation == "dynamic":
-            axis, angle = self.predict_rotation(x)
+            axis, angle = self._recomputed_rotation(x)
             operator = self._plane_operator(axis, angle)
             x, padding = self._pad(x, self._support)
             kernels = self._support_kernels().flatten(2)
