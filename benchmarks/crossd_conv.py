@@ -123,8 +123,8 @@ def cpu_step_peak_bytes(step) -> int:
     return peak
 
 
-def resnet_step(arm: str, device: str, batch: int, size: int, repeats: int) -> dict:
-    """One arm in this process: time of a training step, resting state and step peak memory."""
+def resnet_training_step(arm: str, device: str, batch: int, size: int):
+    """A model of ``arm`` and a closure running one training step (forward, backward, SGD)."""
     torch.manual_seed(0)
     arch, kwargs = RESNET_ARMS[arm]
     model = build_model(arch, num_classes=10, **kwargs).to(device).train()
@@ -137,7 +137,13 @@ def resnet_step(arm: str, device: str, batch: int, size: int, repeats: int) -> d
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    seconds = median_seconds(step, device, repeats)
+    return model, step
+
+
+def resnet_memory(arm: str, device: str, batch: int, size: int) -> dict:
+    """One arm in this process: resting state and step peak memory."""
+    model, step = resnet_training_step(arm, device, batch, size)
+    step()  # gradients and momentum allocated: the resting state of training
     state_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # params, grads, momentum
     if device == "cuda":
         torch.cuda.synchronize()
@@ -149,20 +155,30 @@ def resnet_step(arm: str, device: str, batch: int, size: int, repeats: int) -> d
     else:
         step_peak = cpu_step_peak_bytes(step)
         peak = None
-    return {"arm": arm, "step_ms": 1e3 * seconds, "state_mb": state_bytes / 2**20,
-            "step_peak_mb": step_peak / 2**20, "total_peak_mb": None if peak is None else peak / 2**20}
+    return {"state_mb": state_bytes / 2**20, "step_peak_mb": step_peak / 2**20,
+            "total_peak_mb": None if peak is None else peak / 2**20}
 
 
 def bench_resnets(device: str, batch: int, size: int, repeats: int) -> list[dict]:
+    # Time: all arms in this process, one step each per round, so machine drift hits all alike.
+    steps = {arm: resnet_training_step(arm, device, batch, size)[1] for arm in RESNET_ARMS}
+    times = {arm: [] for arm in RESNET_ARMS}
+    for round_index in range(repeats + 2):
+        for arm, step in steps.items():
+            seconds = median_seconds(step, device, repeats=1, warmup=0)
+            if round_index >= 2:
+                times[arm].append(seconds)
+    del steps
     rows = []
     for arm in RESNET_ARMS:
-        # A fresh process per arm: peak memory must not carry over between arms.
+        # Memory: a fresh process per arm, so that no peak carries over between arms.
         result = subprocess.run(
             [sys.executable, __file__, "--resnet-arm", arm, "--device", device, "--batch", str(batch),
-             "--resnet-size", str(size), "--repeats", str(repeats)],
+             "--resnet-size", str(size)],
             check=True, capture_output=True, text=True,
         )
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        memory = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append({"arm": arm, "step_ms": 1e3 * statistics.median(times[arm]), **memory})
     return rows
 
 
@@ -183,7 +199,7 @@ def report(device: str, layers: list[dict], resnets: list[dict], args) -> str:
     lines = [f"# CrossDConv benchmark ({device})", "", f"Machine: {machine(device)}.", "",
              f"Command: `python benchmarks/crossd_conv.py --device {device}` "
              f"(B={args.batch}, C={args.channels}, k=3, {args.size_2d}x{args.size_2d} and {args.size_3d}^3; "
-             f"median of {args.repeats} runs).", "",
+             f"median of {args.repeats} interleaved rounds).", "",
              "| layer | input | forward ms | fwd+bwd ms | forward ratio | fwd+bwd ratio |",
              "|---|---|---:|---:|---:|---:|"]
     baselines = {name: next(r for r in layers if r["arm"] == name) for name in ("nn.Conv2d", "nn.Conv3d")}
@@ -219,7 +235,7 @@ def main() -> None:
     parser.add_argument("--resnet-arm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.resnet_arm:
-        print(json.dumps(resnet_step(args.resnet_arm, args.device, args.batch, args.resnet_size, args.repeats)))
+        print(json.dumps(resnet_memory(args.resnet_arm, args.device, args.batch, args.resnet_size)))
         return
     layers = bench_layers(args.device, args.batch, args.channels, args.size_2d, args.size_3d, args.repeats)
     resnets = bench_resnets(args.device, args.batch, args.resnet_size, args.repeats)

@@ -17,7 +17,8 @@ def test_inflate_command_writes_a_model_that_reloads_to_the_same_3d_network(
     mobilenet_v2_imagenet_path, mni_t1, tmp_path, capsys
 ):
     out = tmp_path / "mobilenet3d.safetensors"
-    code = main(["inflate", str(mobilenet_v2_imagenet_path), "--arch", "auto", "--strategy", "i3d", "--out", str(out)])
+    # "default" names the same file: the README's main command.
+    code = main(["inflate", "default", "--arch", "auto", "--strategy", "i3d", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "mobilenet_v2 (torchvision weights, 1000 classes)" in printed
