@@ -30,9 +30,10 @@ ROTATIONS = ("none", "static", "dynamic")
 ROTATION_MODES = ("fourier", "reference")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Dynamic rotation: below this many output positions per sample, mixing input taps beats
-# per-sample kernels. CPU, B=8, fwd+bwd, 3x3, vs nn.Conv2d: per-sample kernels 1.5x at
-# 64ch 56x56, 3x at 64ch 28x28, 12x at 256ch 7x7, 29x at 512ch 4x4; mixed taps 8x at
-# 256ch 7x7 and 8.7x at 512ch 4x4 (3x the multiply-adds, no B-fold kernel gradients).
+# per-sample kernels. 2-core CPU, B=8, 3x3, fwd+bwd ms of the two paths against nn.Conv2d:
+# 64ch 28x28: kernels 9.5, mixed 146, plain 7.6; 128ch 14x14: 15.5, 54, 7.0; 256ch 7x7:
+# 36, 41, 7.2; 512ch 4x4: 314, 46, 9.7. Mixing costs 3x the multiply-adds; per-sample
+# kernels cost B-fold kernel gradients, which dominate once feature maps are small.
 MIXED_TAPS_BELOW = 64
 
 
