@@ -297,34 +297,28 @@ def _dense_shear_layout(size: int, device: torch.device) -> tuple[torch.Tensor, 
     return torch.stack(indices).to(device), torch.stack(masks).to(device)
 
 
-def _chain(matrices: torch.Tensor) -> torch.Tensor:
-    """Product of (R, n, N, N) matrices in application order (the first applied first)."""
-    while matrices.shape[1] > 1:
-        pairs = matrices[:, 1::2] @ matrices[:, 0 : matrices.shape[1] - 1 : 2]
-        matrices = pairs if matrices.shape[1] % 2 == 0 else torch.cat([pairs, matrices[:, -1:]], dim=1)
-    return matrices[:, 0]
+def _rotate_flat_small(vectors: torch.Tensor, rotation: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`rotate_kernels` of flattened small kernels, (M, k^3) -> (R, M, k^3), shears as matrices.
 
-
-def _dense_rotation_matrices(rotation: torch.Tensor, size: int) -> torch.Tensor:
-    """(R, k^3, k^3): the same shears and quarter turn as :func:`rotate_kernels`, multiplied out.
-
-    For small kernels a handful of batched matrix products replaces the ~100 small
-    operations of shearing unit kernels one shear at a time; they are launch-bound on a GPU.
+    Each shear of a k <= 5 kernel becomes one (k^3, k^3) matrix, all 18 built from their line
+    matrices in one gather, each applied as one batched product: ~20 operations where the
+    shear steps of :func:`rotate_kernels` take ~100, at sizes where the operation count is
+    the cost (dispatch on a CPU, launches on a GPU).
     """
     lines, sources = _decompose(rotation, size)
     index, mask = _dense_shear_layout(size, rotation.device)
-    dense = lines.flatten(2)[:, torch.arange(len(_SHEARS), device=rotation.device)[:, None, None], index] * mask
-    before = _chain(dense[:, :_QUARTER_TURN_AT])
-    before = before.gather(1, sources[..., None].expand_as(before))
-    return _chain(dense[:, _QUARTER_TURN_AT:]) @ before
+    shears = torch.arange(len(_SHEARS), device=rotation.device)[:, None, None]
+    dense = lines.flatten(2)[:, shears, index] * mask  # (R, 18, k^3, k^3)
+    vectors = vectors.expand(len(sources), *vectors.shape)
+    for position, shear_matrix in enumerate(dense.unbind(1)):
+        if position == _QUARTER_TURN_AT:
+            vectors = vectors.gather(-1, sources[:, None, :].expand_as(vectors))
+        vectors = vectors @ shear_matrix.transpose(-1, -2)
+    return vectors
 
 
-# On CUDA, rotation_operator multiplies small kernels' shears out densely: building an
-# operator is launch-bound there, and ~30 batched products replace ~100 shear steps (H100,
-# B=8, fwd+bwd: 14 ms instead of 21 ms at k=3; a dynamic Cross-D ResNet-18 step 297 ms
-# instead of 333 ms). On CPU the shear steps are cheaper (k=3: 4.3 ms against 5.5 ms; k=5:
-# 11 ms against 48 ms), and at k=7 the dense shears (18 x 343^2 per rotation) cost more
-# than they save anywhere.
+# rotation_operator turns the shears of kernels up to this size into matrices. At 7 the
+# dense shears (18 x 343^2 per rotation) cost more than the shear steps they replace.
 DENSE_UP_TO = 5
 
 
@@ -364,10 +358,7 @@ def rotation_operator(
     device = rotation.device if device is None else torch.device(device)
     size = kernel_size
     central = slice(size**2 * (size // 2), size**2 * (size // 2 + 1)) if central_plane else slice(None)
-    if device.type == "cuda" and size <= DENSE_UP_TO:
-        if size % 2 == 0:
-            raise ValueError(f"kernel size {size} is even: a rotation needs a central voxel")
-        compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        return _dense_rotation_matrices(rotation.to(device, compute_dtype), size)[:, central].to(dtype)
-    units = torch.eye(size**3, dtype=dtype, device=device).reshape(size**3, size, size, size)[central]
-    return rotate_kernels(units, _inverse(rotation)).flatten(2)
+    units = torch.eye(size**3, dtype=dtype, device=device)[central]
+    if size <= DENSE_UP_TO and size % 2 == 1:
+        return _rotate_flat_small(units, _inverse(rotation).to(device, dtype), size)
+    return rotate_kernels(units.reshape(-1, size, size, size), _inverse(rotation)).flatten(2)
