@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,13 @@ from napari_crossd.models import build_model
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def shuffled(items: list, round_index: int) -> list:
+    """A fixed random order per round: no arm always runs first, after the heavy 3D ones."""
+    items = list(items)
+    random.Random(round_index).shuffle(items)
+    return items
 
 
 def median_seconds(step, device: str, repeats: int, warmup: int = 2) -> float:
@@ -70,7 +78,7 @@ def layer_arms(channels: int) -> dict[str, tuple[nn.Module, int]]:
 
 
 def bench_layers(device: str, batch: int, channels: int, size_2d: int, size_3d: int, repeats: int) -> list[dict]:
-    """Every arm timed once per round, rounds interleaved: drift in the machine hits all arms alike."""
+    """Every arm timed once per round in shuffled order: drift in the machine hits all arms alike."""
     arms = []
     for name, (layer, spatial) in layer_arms(channels).items():
         layer = layer.to(device).train()
@@ -88,7 +96,7 @@ def bench_layers(device: str, batch: int, channels: int, size_2d: int, size_3d: 
         arms.append((name, shape, forward, forward_backward))
     times = {name: ([], []) for name, *_ in arms}
     for round_index in range(repeats + 2):
-        for name, _, forward, forward_backward in arms:
+        for name, _, forward, forward_backward in shuffled(arms, round_index):
             for step, series in zip((forward, forward_backward), times[name], strict=True):
                 seconds = median_seconds(step, device, repeats=1, warmup=0)
                 if round_index >= 2:  # the first two rounds warm up
@@ -164,7 +172,7 @@ def bench_resnets(device: str, batch: int, size: int, repeats: int) -> list[dict
     steps = {arm: resnet_training_step(arm, device, batch, size)[1] for arm in RESNET_ARMS}
     times = {arm: [] for arm in RESNET_ARMS}
     for round_index in range(repeats + 2):
-        for arm, step in steps.items():
+        for arm, step in shuffled(list(steps.items()), round_index):
             seconds = median_seconds(step, device, repeats=1, warmup=0)
             if round_index >= 2:
                 times[arm].append(seconds)
