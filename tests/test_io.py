@@ -8,6 +8,7 @@ import builtins
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,26 @@ def test_missing_unsupported_and_corrupt_files(tmp_path):
     torch.save({"epoch": 3, "best_acc": 0.5}, tmp_path / "meta_only.pth")
     with pytest.raises(ValueError, match=r"holds no state dict.*found keys 'epoch', 'best_acc'"):
         load_state_dict_file(tmp_path / "meta_only.pth")
+
+
+def test_failed_save_leaves_the_earlier_model_whole(tmp_path, monkeypatch):
+    model = build_model("resnet18", num_classes=3)
+    path = tmp_path / "model.safetensors"
+    save_model(model, path)
+    before = path.read_bytes(), path.with_suffix(".json").read_text()
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    def broken_write_text(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken_write_text)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(build_model("resnet18", num_classes=3), path)
+    assert (path.read_bytes(), path.with_suffix(".json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -387,7 +387,8 @@ def save_model(
     # model at the same path whole.
     partial = [target.with_name(f".{target.name}.partial") for target in (path, sidecar)]
     try:
-        safetensors.torch.save_file(state, partial[0], metadata={"napari_crossd": text})
+        # Bytes written from Python: the file gets the usual permissions (save_file makes 0600).
+        partial[0].write_bytes(safetensors.torch.save(state, metadata={"napari_crossd": text}))
         partial[1].write_text(text + "\n")
         for temporary, target in zip(partial, (path, sidecar), strict=True):
             temporary.replace(target)
