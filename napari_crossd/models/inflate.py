@@ -184,6 +184,11 @@ def _acs_split(channels: int) -> tuple[int, int, int]:
     return tuple(base + (i < remainder) for i in range(3))
 
 
+def _acs_planes(channels: int) -> torch.Tensor:
+    """(channels,) plane of each output channel: 0 axial, 1 coronal, 2 sagittal."""
+    return torch.repeat_interleave(torch.arange(3), torch.tensor(_acs_split(channels)))
+
+
 @functools.cache
 def _tilt_operator(size: int) -> torch.Tensor:
     """(size^3, size^2) float64 map from W to the mean of its tilted centre-plane embeddings."""
@@ -344,49 +349,40 @@ class _Inflater:
             )
         return _inflate_kernel(weight, self.strategy, depth, planes, i3d_gain)
 
-    def _conv(self, m: nn.Conv2d, where: str) -> nn.Conv3d:
+    def _conv3d_arguments(self, m: nn.Conv2d | nn.ConvTranspose2d) -> tuple[bool, int, dict]:
+        """Whether ``m`` stays flat in depth, its k_d, and the arguments its 3D layer shares with it."""
         flat = self._is_flat(m)
         depth = 1 if flat else m.kernel_size[0]
-        conv = nn.Conv3d(
-            m.in_channels,
-            m.out_channels,
-            (depth, *m.kernel_size),
-            stride=_with_depth(m.stride, flat, 1),
-            padding=_with_depth(m.padding, flat, 0),
-            dilation=_with_depth(m.dilation, flat, 1),
-            groups=m.groups,
-            bias=m.bias is not None,
-            padding_mode=m.padding_mode,
-            device=m.weight.device,
-            dtype=m.weight.dtype,
-        )
-        planes = torch.repeat_interleave(torch.arange(3), torch.tensor(_acs_split(m.out_channels)))
-        kernel = self._kernel(m, where, planes.to(m.weight.device)[:, None], depth)
+        arguments = {
+            "in_channels": m.in_channels,
+            "out_channels": m.out_channels,
+            "kernel_size": (depth, *m.kernel_size),
+            "stride": _with_depth(m.stride, flat, 1),
+            "padding": _with_depth(m.padding, flat, 0),
+            "dilation": _with_depth(m.dilation, flat, 1),
+            "groups": m.groups,
+            "bias": m.bias is not None,
+            "padding_mode": m.padding_mode,
+            "device": m.weight.device,
+            "dtype": m.weight.dtype,
+        }
+        return flat, depth, arguments
+
+    def _conv(self, m: nn.Conv2d, where: str) -> nn.Conv3d:
+        _, depth, arguments = self._conv3d_arguments(m)
+        conv = nn.Conv3d(**arguments)
+        kernel = self._kernel(m, where, _acs_planes(m.out_channels).to(m.weight.device)[:, None], depth)
         return _with_weights(conv, kernel, m.weight, m.bias)
 
     def _conv_transpose(self, m: nn.ConvTranspose2d, where: str) -> nn.ConvTranspose3d:
-        flat = self._is_flat(m)
-        depth = 1 if flat else m.kernel_size[0]
-        conv = nn.ConvTranspose3d(
-            m.in_channels,
-            m.out_channels,
-            (depth, *m.kernel_size),
-            stride=_with_depth(m.stride, flat, 1),
-            padding=_with_depth(m.padding, flat, 0),
-            output_padding=_with_depth(m.output_padding, flat, 0),
-            groups=m.groups,
-            bias=m.bias is not None,
-            dilation=_with_depth(m.dilation, flat, 1),
-            padding_mode=m.padding_mode,
-            device=m.weight.device,
-            dtype=m.weight.dtype,
-        )
+        flat, depth, arguments = self._conv3d_arguments(m)
+        conv = nn.ConvTranspose3d(**arguments, output_padding=_with_depth(m.output_padding, flat, 0))
         # The weight is (C_in, C_out / groups, ...): entry (i, j) feeds output channel
         # (i // (C_in / groups)) * (C_out / groups) + j.
         in_per_group, out_per_group = m.in_channels // m.groups, m.out_channels // m.groups
         rows = torch.arange(m.in_channels)[:, None] // in_per_group * out_per_group
         channel = rows + torch.arange(out_per_group)[None, :]
-        planes = torch.repeat_interleave(torch.arange(3), torch.tensor(_acs_split(m.out_channels)))[channel]
+        planes = _acs_planes(m.out_channels)[channel]
         kernel = self._kernel(m, where, planes.to(m.weight.device), depth, i3d_gain=conv.stride[0])
         return _with_weights(conv, kernel, m.weight, m.bias)
 
