@@ -1,4 +1,4 @@
-"""Safe checkpoint reading and writing, and architecture detection from state dicts."""
+"""Safe checkpoint reading and writing, architecture detection from state dicts, and volumes on disk."""
 
 from .checkpoints import (
     SAFE_GLOBALS,
@@ -11,18 +11,22 @@ from .checkpoints import (
     strip_prefixes,
 )
 from .detect import ArchMatch, KeyDiff, detect_architecture, match_architecture
+from .volumes import Volume, read_volume, write_volume
 
 __all__ = [
     "SAFE_GLOBALS",
     "ArchMatch",
     "KeyDiff",
     "UnsafeCheckpointError",
+    "Volume",
     "default_checkpoint",
     "detect_architecture",
     "extract_state_dict",
     "load_model",
     "load_state_dict_file",
     "match_architecture",
+    "read_volume",
     "save_model",
     "strip_prefixes",
+    "write_volume",
 ]
