@@ -5,4 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --testing
 .venv/bin/ruff check .
 # Every test-data package was just installed: a test that cannot find its data fails.
-CROSSD_REQUIRE_TEST_DATA=1 .venv/bin/python -m pytest -q "$@"
+# napari's widget tests need a display: a virtual one (Xvfb) when there is none.
+xvfb=()
+if [[ -z "${DISPLAY:-}" ]] && command -v xvfb-run >/dev/null; then
+    xvfb=(xvfb-run -a -s "-screen 0 1600x1000x24")
+fi
+CROSSD_REQUIRE_TEST_DATA=1 "${xvfb[@]}" .venv/bin/python -m pytest -q "$@"

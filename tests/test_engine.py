@@ -309,3 +309,11 @@ def test_dask_segmentation(imagenet_3d, brain, strokes):
     assert isinstance(probabilities, da.Array) and probabilities.shape == (4, *image.shape)
     agree = (labels.compute() == eager).mean()
     assert agree > 0.98
+
+
+def test_dask_graph_runs_in_worker_processes(imagenet_3d, brain):
+    # What a dask.distributed cluster needs: every task pickles (model included) and runs elsewhere.
+    image = brain[0][:16, :32, :32]
+    lazy = extract_features(imagenet_3d, da.from_array(image, chunks=(16, 16, 16)), device="cpu")
+    in_processes = lazy.compute(scheduler="processes", num_workers=2)
+    np.testing.assert_allclose(in_processes, lazy.compute(scheduler="threads"), atol=1e-6)

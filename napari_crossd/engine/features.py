@@ -15,7 +15,15 @@ from .jobs import Job, Progress, run_job
 from .normalize import IntensityStats, check_volume, intensity_stats
 from .pyramid import Pyramid, default_levels, encode_job, spacing_scale
 
-__all__ = ["extract_features", "feature_channels", "features_job", "pca_rgb", "prepare_model", "require_3d"]
+__all__ = [
+    "check_levels",
+    "extract_features",
+    "feature_channels",
+    "features_job",
+    "pca_rgb",
+    "prepare_model",
+    "require_3d",
+]
 
 # Hypercolumns are assembled this many values (voxels x channels) at a time: the
 # full-resolution stack of a 512^3 volume would not fit in memory, one slab does.
@@ -69,7 +77,8 @@ def feature_channels(model: nn.Module, levels: Sequence[int]) -> int:
     return sum(model.feature_info[level]["num_chs"] for level in levels)
 
 
-def _check_levels(model: nn.Module, levels: Sequence[int] | None) -> list[int]:
+def check_levels(model: nn.Module, levels: Sequence[int] | None) -> list[int]:
+    """``levels`` sorted and checked against ``model.feature_info`` (None: :func:`default_levels`)."""
     if levels is None:
         return default_levels(model)
     levels = sorted(set(int(level) for level in levels))
@@ -161,7 +170,7 @@ def features_job(
     """
     require_3d(model)
     check_volume(volume)
-    levels = _check_levels(model, levels)
+    levels = check_levels(model, levels)
     if not (isinstance(stride, int) and stride >= 1):
         raise ValueError(f"stride must be a positive integer, got {stride!r}.")
     device = resolve_device(device)

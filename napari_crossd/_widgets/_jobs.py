@@ -1,0 +1,166 @@
+"""Run engine jobs off the GUI thread: napari ``thread_worker``, progress bar, cancel, notifications.
+
+A job is a generator from :mod:`napari_crossd.engine` that yields ``Progress`` and returns
+its result. :func:`start_job` drives it in a napari generator worker; results are handed to
+``on_result`` in the GUI thread, which is where layers are added. Cancelling sets a flag the
+worker checks between two yields: the job is closed in the worker thread (its clean-up runs
+there) and no result is delivered, so no layer changes. An exception becomes a napari error
+notification with its message; layers are left as they were.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Generator
+
+from napari.qt.threading import thread_worker
+from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_error, show_info
+
+__all__ = ["CANCELLED", "JobRunner"]
+
+CANCELLED = object()
+
+
+def _drive(job: Generator, cancel: threading.Event):
+    """Yield the job's reports until it returns or ``cancel`` is set; always close the job here."""
+    try:
+        while True:
+            if cancel.is_set():
+                return CANCELLED
+            try:
+                report = next(job)
+            except StopIteration as stop:
+                return stop.value
+            yield report
+    finally:
+        job.close()
+
+
+class JobRunner:
+    """One job at a time for a widget, with a napari progress bar and a Cancel action.
+
+    Attributes:
+        worker: the running napari worker, or None.
+        last_error: the message of the last failure (also shown as a notification).
+        last_status: ``"done"``, ``"cancelled"`` or ``"failed"`` after a job ends.
+        last_seconds: wall time of the last job.
+        last_result_ms: time the last result took to show (adding layers, in the GUI thread).
+    """
+
+    def __init__(self, on_busy: Callable[[bool], None] | None = None) -> None:
+        self.worker = None
+        self.last_error: str | None = None
+        self.last_status: str | None = None
+        self.last_seconds: float | None = None
+        self.last_result_ms: float | None = None
+        self._cancel = threading.Event()
+        self._on_busy = on_busy
+        self._bar = None
+
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def fail(self, message: str) -> None:
+        """Report a problem found before any work started."""
+        self.last_error = message
+        self.last_status = "failed"
+        show_error(message)
+
+    def start(
+        self,
+        make_job: Callable[[], Generator],
+        on_result: Callable[[object], None],
+        description: str,
+        on_progress: Callable[[object], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        on_cancel: Callable[[], None] | None = None,
+    ):
+        """Start ``make_job()`` (called in the worker thread) and return the worker.
+
+        ``on_result``, ``on_progress``, ``on_error`` and ``on_cancel`` run in the GUI thread;
+        they are connected before the worker starts, so a job that ends at once is not missed.
+        """
+        if self.worker is not None:
+            self.fail(f"{description}: another job of this widget is still running; cancel it or wait")
+            return None
+        self._cancel = threading.Event()
+        cancel = self._cancel
+        self.last_error = None
+        self.last_status = None
+
+        # Errors are ours to report (one notification with the reason, below): no re-raise in
+        # the GUI thread, and napari's own relay of the traceback is disconnected.
+        @thread_worker(start_thread=False, ignore_errors=True)
+        def work():
+            result = yield from _drive(make_job(), cancel)
+            return result
+
+        worker = work()
+        relay = getattr(worker, "_relay_error", None)
+        if relay is not None:
+            try:
+                worker.errored.disconnect(relay)
+            except (TypeError, RuntimeError):
+                pass  # not connected in this napari version
+        bar = napari_progress(total=0, desc=description)
+        self._bar = bar
+        started = time.perf_counter()
+
+        def yielded(report) -> None:
+            if bar.total != (report.total or 0):
+                bar.total = report.total or 0
+            bar.n = min(report.step, report.total) if report.total else report.step
+            bar.set_description(f"{description}: {report.message}")
+            bar.refresh()
+            if on_progress is not None:
+                on_progress(report)
+
+        def returned(value) -> None:
+            if value is CANCELLED:
+                self.last_status = "cancelled"
+                show_info(f"{description}: cancelled; layers unchanged")
+                if on_cancel is not None:
+                    on_cancel()
+                return
+            begin = time.perf_counter()
+            try:
+                on_result(value)
+            except Exception as err:  # a result that cannot be shown is a failure, not a crash
+                errored(err)
+                return
+            finally:
+                self.last_result_ms = 1000 * (time.perf_counter() - begin)
+            self.last_status = "done"
+
+        def errored(err: BaseException) -> None:
+            message = f"{description} failed: {err}"
+            self.last_error = message
+            self.last_status = "failed"
+            show_error(message)
+            if on_error is not None:
+                on_error(err)
+
+        def finished() -> None:
+            self.last_seconds = time.perf_counter() - started
+            bar.close()
+            self._bar = None
+            self.worker = None
+            if self._on_busy is not None:
+                self._on_busy(False)
+
+        worker.yielded.connect(yielded)
+        worker.returned.connect(returned)
+        worker.errored.connect(errored)
+        worker.finished.connect(finished)
+        self.worker = worker
+        if self._on_busy is not None:
+            self._on_busy(True)
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next step (no effect when idle)."""
+        self._cancel.set()

@@ -1,0 +1,46 @@
+"""What the dock widgets of one viewer share: the loaded model and the segmenter trained on it."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+from psygnal import Signal
+
+__all__ = ["Session", "session_for"]
+
+
+@dataclass
+class Session:
+    """The model state of one viewer, shared by its Cross-D widgets.
+
+    Attributes:
+        model2d: the 2D network as loaded (None for a saved 3D network); the inspector
+            reads learned rotations from its Cross-D layers.
+        model3d: the inflated 3D network the Run and Fine-tune widgets use.
+        device: the device choice (``"auto"``, ``"cpu"``, ...).
+        info: what was loaded (architecture, parameters, strategy, keys), for display.
+        segmenter: the segmentation model trained or loaded for ``model3d``, or None.
+    """
+
+    model2d: object = None
+    model3d: object = None
+    device: str = "auto"
+    info: dict = field(default_factory=dict)
+    segmenter: object = None
+
+
+class _Events:
+    # psygnal signals live on a class; one instance per session.
+    model_changed = Signal(object)
+    segmenter_changed = Signal(object)
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def session_for(viewer) -> tuple[Session, _Events]:
+    """The session of ``viewer`` (created on first use, dropped with the viewer)."""
+    if viewer not in _SESSIONS:
+        _SESSIONS[viewer] = (Session(), _Events())
+    return _SESSIONS[viewer]

@@ -1,0 +1,113 @@
+"""Model widget: 2D weights in, an inflated 3D network out, shared with the other widgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+
+from ._jobs import JobRunner
+from ._session import session_for
+
+__all__ = ["ModelWidget", "load_job"]
+
+
+def load_job(checkpoint: str, arch: str, strategy: str, official_shift: str = "keep"):
+    """Generator: load a checkpoint, inflate it, describe it. Returns (model2d, model3d, info)."""
+    from napari_crossd.engine import Progress, prepare_model
+    from napari_crossd.io import load_model
+
+    source = checkpoint or "default"
+    yield Progress(0, 3, f"reading {Path(source).name if source != 'default' else 'default weights'}")
+    try:
+        loaded = load_model(source, arch=arch)
+    except ValueError as err:
+        raise ValueError(f"{Path(source).name}: {err}") from None
+    meta = dict(loaded.crossd_meta)
+    three_d = meta.get("spatial_dims") == 3
+    yield Progress(1, 3, "already 3D" if three_d else f"inflating ({strategy})")
+    model3d = prepare_model(loaded, strategy=strategy, official_shift=official_shift)
+    keys = len(loaded.state_dict())
+    info = {
+        "source": "default (napari-crossd Cross-D MobileNetV2)" if source == "default" else str(source),
+        "arch": meta.get("arch"),
+        "format": meta.get("format"),
+        "parameters": sum(p.numel() for p in model3d.parameters()),
+        "strategy": model3d.crossd_meta.get("strategy", strategy),
+        "keys": keys,
+        "missing": 0,
+        "unexpected": 0,
+        "normalization": (meta.get("normalization") or {}).get("name"),
+    }
+    yield Progress(3, 3, "ready")
+    return (None if three_d else loaded), model3d, info
+
+
+def describe(info: dict) -> str:
+    return (
+        f"{info['arch']} ({info['format']} weights) from {info['source']}\n"
+        f"{info['parameters']:,} parameters in 3D, strategy {info['strategy']}\n"
+        f"{info['keys']} tensors loaded: {info['missing']} missing, {info['unexpected']} unexpected; "
+        f"input normalisation {info['normalization']}"
+    )
+
+
+class ModelWidget(Container):
+    """Choose 2D weights (file or the bundled default), architecture, inflation strategy and device."""
+
+    def __init__(self, napari_viewer) -> None:
+        from napari_crossd.engine.devices import DEVICES
+        from napari_crossd.models import ARCHITECTURES
+        from napari_crossd.models.inflate import STRATEGIES
+
+        self.viewer = napari_viewer
+        self.session, self.events = session_for(napari_viewer)
+        self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pth *.pt *.ckpt *.safetensors",
+                                   tooltip="2D weights; leave empty for the bundled Cross-D MobileNetV2")
+        self.arch = ComboBox(label="architecture", choices=("auto", *ARCHITECTURES), value="auto")
+        self.strategy = ComboBox(label="inflation", choices=STRATEGIES, value="i3d")
+        self.device = ComboBox(label="device", choices=DEVICES, value="auto")
+        self.load_button = PushButton(text="Load and inflate")
+        self.status = Label(value="no model loaded")
+        super().__init__(widgets=[self.checkpoint, self.arch, self.strategy, self.device,
+                                  self.load_button, self.status])
+        self.runner = JobRunner(on_busy=lambda busy: setattr(self.load_button, "enabled", not busy))
+        self.load_button.changed.connect(self.load)
+        self.device.changed.connect(self._set_device)
+
+    def _set_device(self, value: str) -> None:
+        from napari_crossd.engine import resolve_device
+
+        try:
+            resolve_device(value)
+        except ValueError as err:
+            self.runner.fail(str(err))
+            self.device.value = "auto"
+            return
+        self.session.device = value
+
+    def load(self, _=None):
+        path = str(self.checkpoint.value) if self.checkpoint.value else ""
+        if path in ("", "."):
+            path = ""
+        elif not Path(path).is_file():
+            self.runner.fail(f"checkpoint {path} is not a file")
+            return None
+        self.status.value = "loading ..."
+        arch, strategy = self.arch.value, self.strategy.value
+
+        def done(result) -> None:
+            model2d, model3d, info = result
+            self.session.model2d, self.session.model3d, self.session.info = model2d, model3d, info
+            self.session.segmenter = None
+            self.session.device = self.device.value
+            self.status.value = describe(info)
+            self.events.model_changed.emit(model3d)
+
+        return self.runner.start(lambda: load_job(path, arch, strategy), done, "Load model",
+                                 on_error=lambda _err: setattr(self.status, "value", self._status_after_error()))
+
+    def _status_after_error(self) -> str:
+        if self.session.model3d is None:
+            return "no model loaded"
+        return describe(self.session.info)

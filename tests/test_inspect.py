@@ -1,0 +1,145 @@
+"""The inspector's numerics (no Qt): kernel grids, rotations, phase shifts, feature maps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_crossd.core import CrossDConv
+from napari_crossd.engine.inspect import (
+    conv_layers,
+    dynamic_rotations,
+    feature_maps,
+    kernel_grid,
+    layer_kernels,
+    learned_rotation,
+    network_volume,
+    phase_shift,
+    rotate_bank,
+)
+
+
+@pytest.fixture(scope="module")
+def mobilenet3d(mobilenet_v2_imagenet_path):
+    from napari_crossd.engine import prepare_model
+
+    return prepare_model(str(mobilenet_v2_imagenet_path), strategy="i3d")
+
+
+def test_first_layer_rgb_grid_of_real_imagenet_kernels(mobilenet3d):
+    layers = conv_layers(mobilenet3d)
+    assert next(iter(layers)) == "features.0.0"
+    assert len(layers) == 1 + 17  # the stem and each block's 3x3 depthwise conv (1x1 convs left out)
+    bank = layer_kernels(layers["features.0.0"])
+    assert bank.shape == (32, 3, 3, 3, 3)
+    grid = kernel_grid(bank)
+    assert grid.rgb and grid.layout == "tiles" and (grid.rows, grid.cols) == (6, 6)
+    assert grid.data.shape == (3, 6 * 4 - 1, 6 * 4 - 1, 3)
+    assert grid.data.min() >= 0 and grid.data.max() <= 1
+    # i3d: every depth slice is W / 3, and a tile holds kernel o's RGB weights at 0.5 + 0.5 w / peak.
+    y, x = grid.tile_origin(1, 2)  # kernel 8
+    expected = 0.5 + 0.5 * bank[8, :, 1].permute(1, 2, 0).numpy() / grid.peak
+    np.testing.assert_allclose(grid.data[1, y : y + 3, x : x + 3], expected, atol=1e-6)
+    np.testing.assert_allclose(grid.data[0], grid.data[2], atol=1e-6)
+    assert grid.peak == pytest.approx(float(bank.abs().max()))
+
+
+def test_out_by_in_grid_and_depthwise_tiles():
+    bank = torch.arange(4 * 5 * 27, dtype=torch.float32).reshape(4, 5, 3, 3, 3)
+    grid = kernel_grid(bank, gap=1)
+    assert grid.layout == "out_x_in" and (grid.rows, grid.cols) == (4, 5)
+    assert grid.data.shape == (3, 4 * 4 - 1, 5 * 4 - 1)
+    y, x = grid.tile_origin(2, 3)
+    np.testing.assert_allclose(grid.data[:, y : y + 3, x : x + 3], (bank[2, 3] / bank.abs().max()).numpy())
+    assert grid.data[0, 3].max() == 0  # a gap row
+    capped = kernel_grid(bank, max_out=2, max_in=3)
+    assert capped.shown == (2, 3) and capped.data.shape == (3, 7, 11)
+    depthwise = kernel_grid(torch.randn(10, 1, 3, 3, 3))
+    assert depthwise.layout == "tiles" and (depthwise.rows, depthwise.cols) == (3, 4)
+    with pytest.raises(ValueError, match="3 input channels"):
+        kernel_grid(bank, rgb=True)
+    with pytest.raises(ValueError, match=r"\(C_out, C_in, k_d, k_h, k_w\)"):
+        kernel_grid(torch.zeros(3, 3, 3))
+
+
+def test_rotation_is_exact_and_phase_shift_of_quarter_turn(mobilenet3d):
+    bank = layer_kernels(conv_layers(mobilenet3d)["features.0.0"])
+    quarter = rotate_bank(bank, "d", math.pi / 2)
+    torch.testing.assert_close(quarter, torch.rot90(bank, 1, dims=(-2, -1)), atol=1e-5, rtol=0)
+    back = rotate_bank(rotate_bank(bank, "h", 0.4), "h", -0.4)
+    torch.testing.assert_close(back, bank, atol=1e-5, rtol=0)
+    turned = rotate_bank(bank, (0.0, 1.0, 1.0), 0.7)
+    assert float(turned.norm()) == pytest.approx(float(bank.norm()), rel=1e-5)
+    # No rotation: no phase shift. A pure translation by one voxel along w: phase ramp -2 pi nu.
+    assert np.abs(phase_shift(bank, bank)).max() == 0
+    # (i3d kernels are constant along d: most of their spectrum is 0, so use a generic bank.)
+    generic = torch.randn(4, 2, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    phase = phase_shift(generic, torch.roll(generic, 1, dims=-1))
+    nu = np.fft.fftshift(np.fft.fftfreq(3))
+    np.testing.assert_allclose(phase, np.broadcast_to(np.angle(np.exp(-2j * np.pi * nu)), phase.shape), atol=1e-5)
+    # The quarter turn about d moves frequency (h, w) to (w, -h): its phase change is 0 on the
+    # d axis of the spectrum's centre line (nu_h = nu_w = 0), where the turn maps nu to itself.
+    quarter_phase = phase_shift(bank, quarter)
+    assert quarter_phase.shape == (32, 3, 3, 3, 3)
+    np.testing.assert_allclose(quarter_phase[..., 1, 1], 0.0, atol=1e-5)
+    with pytest.raises(ValueError, match="cubic"):
+        rotate_bank(torch.zeros(2, 2, 1, 3, 3), "d", 0.3)
+
+
+def test_learned_static_rotation_read_back():
+    conv = CrossDConv(4, 6, 3, padding=1, rotation="static")
+    with torch.no_grad():
+        conv.rotation_vector.copy_(torch.tensor([[0.0, 0.3, 0.4]]))
+    learned = learned_rotation(conv)
+    assert learned.kind == "static"
+    np.testing.assert_allclose(learned.angle, [0.5])
+    np.testing.assert_allclose(learned.axis, [[0.0, 0.6, 0.8]])
+    assert "28.65 deg" in learned.describe()
+    # The layer's synthesised 3D kernel is U rotated by that rotation.
+    torch.testing.assert_close(layer_kernels(conv), rotate_bank(conv.weights_3d.detach(), (0, 0.6, 0.8), 0.5),
+                               atol=1e-5, rtol=0)
+    assert learned_rotation(torch.nn.Conv3d(2, 2, 3)).kind == "none"
+
+
+def test_dynamic_rotations_per_slice_match_the_layer(crossd_mobilenet_checkpoint, mni_t1):
+    from napari_crossd import load_model
+
+    model2d = load_model(crossd_mobilenet_checkpoint)
+    layer = "features.2.conv.1.0"  # a depthwise Cross-D layer (24 x 24 input at stride 2 here)
+    module = model2d.get_submodule(layer)
+    assert isinstance(module, CrossDConv) and module.rotation == "dynamic"
+    slices = network_volume(mni_t1.numpy(), model2d).transpose(0, 1)  # (Z, 3, Y, X)
+    assert slices.shape == (16, 3, 40, 42)
+    axes, angles = dynamic_rotations(model2d, layer, slices, batch=5)
+    assert axes.shape == (16, 3) and angles.shape == (16,)
+    np.testing.assert_allclose(np.linalg.norm(axes, axis=1), 1.0, atol=1e-6)
+    assert np.abs(angles).max() <= math.pi / 4
+    assert np.ptp(angles) > 0  # slices differ, so do their rotations
+    # Independently: the layer's own prediction from its input during a full 2D forward of slice 7.
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(m.predict_rotation(args[0])))
+    with torch.no_grad():
+        model2d(slices[7:8])
+    handle.remove()
+    axis, angle = seen[0]
+    np.testing.assert_allclose(axes[7], axis[0].double().numpy(), atol=1e-5)
+    np.testing.assert_allclose(angles[7], float(angle[0]), atol=1e-6)
+    with pytest.raises(ValueError, match="no dynamic rotation"):
+        dynamic_rotations(model2d, "features.1.conv.1", slices)
+
+
+def test_feature_maps_level_and_zoom(mobilenet3d, mni_t1):
+    net_input = network_volume(mni_t1.numpy(), mobilenet3d)
+    assert net_input.shape == (3, 16, 40, 42)
+    maps, zoom = feature_maps(mobilenet3d, net_input, 0)
+    assert maps.shape == (16, 8, 20, 21)
+    np.testing.assert_allclose(zoom, (2.0, 2.0, 2.0))
+    full = mobilenet3d.forward_features(net_input[None])[0][0]
+    np.testing.assert_allclose(maps, full.detach().numpy(), atol=1e-5)
+    maps1, zoom1 = feature_maps(mobilenet3d, net_input, 1)
+    assert maps1.shape == (24, 4, 10, 11) and tuple(zoom1) == (4.0, 4.0, 42 / 11)
+    with pytest.raises(ValueError, match=r"level must be in 0\.\.4"):
+        feature_maps(mobilenet3d, net_input, 5)
