@@ -76,8 +76,11 @@ def viewer_with_crop(make_napari_viewer, mni_crop_files):
     return viewer, image
 
 
-def load_default_model(qtbot, viewer, strategy="i3d"):
+def load_model_in_widget(qtbot, viewer, checkpoint=None, strategy="i3d"):
+    """Load ``checkpoint`` (None: the bundled default) through the Model widget."""
     model_widget = dock(viewer, "Model (load and inflate weights)")
+    if checkpoint is not None:
+        model_widget.checkpoint.value = str(checkpoint)
     model_widget.strategy.value = strategy
     model_widget.load()
     wait_idle(qtbot, model_widget)
@@ -85,7 +88,9 @@ def load_default_model(qtbot, viewer, strategy="i3d"):
     return model_widget
 
 
-def test_workflow_features_finetune_predict_save_reload(qtbot, viewer_with_crop, mni_crop_files, tmp_path, errors):
+def test_workflow_features_finetune_predict_save_reload(
+    qtbot, viewer_with_crop, mni_crop_files, mobilenet_v2_imagenet_path, tmp_path, errors
+):
     from napari_crossd._widgets._stall import StallMeter
 
     viewer, image = viewer_with_crop
@@ -93,11 +98,11 @@ def test_workflow_features_finetune_predict_save_reload(qtbot, viewer_with_crop,
     assert tuple(image.scale) == (1.0, 1.0, 1.0) and tuple(image.translate) == (-12.0, -114.0, -32.0)
     original = np.array(image.data, copy=True)
 
-    model_widget = load_default_model(qtbot, viewer)
+    # The real ImageNet MobileNetV2 (torchvision's file), chosen as a user would.
+    model_widget = load_model_in_widget(qtbot, viewer, mobilenet_v2_imagenet_path)
     session = model_widget.session
-    # The default: our Cross-D MobileNetV2 (10 classes); the 3D network drops the rotation heads.
-    assert session.info["arch"] == "crossd_mobilenet_v2" and session.info["strategy"] == "i3d"
-    assert session.info["parameters"] == 2_366_858  # 2,483,170 in 2D
+    assert session.info["arch"] == "mobilenet_v2" and session.info["strategy"] == "i3d"
+    assert session.info["parameters"] == 3_635_048  # 3,504,872 in 2D; 3x3 kernels gain a depth of 3
     assert "0 missing, 0 unexpected" in model_widget.status.value
     assert session.model3d.crossd_meta["spatial_dims"] == 3
 
@@ -243,7 +248,7 @@ def test_bad_inputs_notify_and_leave_layers_intact(qtbot, make_napari_viewer, tm
 
 def test_cancel_and_failure_keep_layers(qtbot, viewer_with_crop, mni_crop_files, errors):
     viewer, image = viewer_with_crop
-    load_default_model(qtbot, viewer)
+    load_model_in_widget(qtbot, viewer)
     tune = dock(viewer, "Fine-tune (paint and train)")
     strokes = tune.new_strokes()
     painted = paint_strokes(mni_crop_files["truth"], slices=3, seed=1)
@@ -285,7 +290,7 @@ def test_cancel_and_failure_keep_layers(qtbot, viewer_with_crop, mni_crop_files,
 
 def test_inspector_layers(qtbot, viewer_with_crop, crossd_mobilenet_checkpoint, errors):
     viewer, image = viewer_with_crop
-    load_default_model(qtbot, viewer)
+    load_model_in_widget(qtbot, viewer)
     inspector = dock(viewer, "Inspector (kernels, rotations, phase)")
     assert inspector.layer.value == "features.0.0"
     assert not any(layer.name.startswith("Cross-D") for layer in viewer.layers)  # nothing until asked
