@@ -49,7 +49,8 @@ def _info(args: argparse.Namespace) -> None:
 
 
 class _TerminalProgress:
-    """A progress bar per phase on stderr, redrawn at most ten times a second (once per phase off a terminal)."""
+    """A progress bar per phase on stderr: redrawn in place at most ten times a second on a
+    terminal; elsewhere (logs, CI) one line when a phase starts and one when it ends."""
 
     def __init__(self) -> None:
         self._phase = None
@@ -58,14 +59,13 @@ class _TerminalProgress:
 
     def __call__(self, report) -> None:
         phase = report.message.split(",")[0].split(":")[0].rstrip("0123456789/ ")
+        new_phase = phase != self._phase
+        finished = report.total is not None and report.step >= report.total
         now = time.monotonic()
-        last = report.total is not None and report.step >= report.total
-        if phase == self._phase and not last and now - self._drawn < 0.1:
+        if not (new_phase or finished or (self._live and now - self._drawn >= 0.1)):
             return
-        if phase != self._phase and self._phase is not None:
+        if new_phase and self._phase is not None and self._live:
             sys.stderr.write("\n")
-        elif not self._live and phase == self._phase and not last:
-            return
         self._phase, self._drawn = phase, now
         bar = ""
         if report.total:
@@ -73,8 +73,6 @@ class _TerminalProgress:
             bar = f"[{'#' * done}{'.' * (30 - done)}] {report.step}/{report.total} "
         sys.stderr.write(f"\r{bar}{report.message}"[:150].ljust(100) if self._live else f"{bar}{report.message}\n")
         sys.stderr.flush()
-        if not self._live:
-            self._phase = phase
 
     def close(self) -> None:
         if self._phase is not None and self._live:
@@ -182,13 +180,14 @@ def _finetune(args: argparse.Namespace) -> None:
 def _segment(args: argparse.Namespace) -> None:
     from .engine import load_segmenter, segment_job
     from .io import read_volume, write_volume
+    from .io.checkpoints import NAMED_WEIGHTS
     from .io.volumes import volume_suffix
 
     for out in (args.out, args.probabilities):
         if out is not None:
             volume_suffix(out)
 
-    if not Path(args.model).exists() and args.model not in ("default", "imagenet"):
+    if not Path(args.model).exists() and args.model not in NAMED_WEIGHTS:
         raise FileNotFoundError(f"--model {args.model}: no such model directory.")
     if not Path(args.model).is_dir():
         raise ValueError(f"--model {args.model}: segment needs a fine-tuned model directory "

@@ -29,6 +29,12 @@ class Session:
     info: dict = field(default_factory=dict)
     segmenter: object = None
 
+    def require_model(self):
+        """The 3D network, or a ValueError telling the user to load one."""
+        if self.model3d is None:
+            raise ValueError("no model loaded: load weights in the Cross-D Model widget first")
+        return self.model3d
+
 
 class _Events:
     # psygnal signals live on a class; one instance per session.

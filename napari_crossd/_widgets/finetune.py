@@ -73,8 +73,7 @@ class FinetuneWidget(Container):
     def _inputs(self):
         layer, strokes = self.image.value, self.strokes.value
         check_volume_layer(layer, "Fine-tuning needs")
-        if self.session.model3d is None:
-            raise ValueError("no model loaded: load weights in the Cross-D Model widget first")
+        self.session.require_model()
         if strokes is None:
             raise ValueError("no strokes layer: click 'New strokes layer' and paint classes 1..N")
         if tuple(strokes.data.shape) != tuple(volume_data(layer).shape):

@@ -250,8 +250,7 @@ class InspectorWidget(Container):
         layer = self.image.value
         try:
             check_volume_layer(layer, "Feature maps need")
-            if self.session.model3d is None:
-                raise ValueError("no model loaded: load weights in the Cross-D Model widget first")
+            self.session.require_model()
         except ValueError as err:
             self.runner.fail(str(err))
             return None

@@ -62,8 +62,7 @@ class RunWidget(Container):
         layer = self.image.value
         try:
             check_volume_layer(layer, "Run needs")
-            if self.session.model3d is None:
-                raise ValueError("no model loaded: load weights in the Cross-D Model widget first")
+            self.session.require_model()
             if self.mode.value == SEGMENTATION and self.session.segmenter is None:
                 raise ValueError("no segmentation head yet: fine-tune on strokes (Fine-tune widget) "
                                  "or load a saved segmenter there")

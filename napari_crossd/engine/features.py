@@ -93,17 +93,18 @@ def _grid_axes(shape: Sequence[int], stride: int) -> list[torch.Tensor]:
 
 
 def hypercolumn_slabs(pyramid: Pyramid, stride: int, intensity: bool, depth: int | None = None, transform=None):
-    """Yield ``(z_slice, block)`` over the output grid, a slab at a time.
+    """Yield ``(index, count, z_slice, block)`` over the output grid, a slab at a time.
 
     ``block`` holds the hypercolumns ``(C, z, Y', X')`` (see :meth:`Pyramid.sample`), or
-    ``transform`` of them.
+    ``transform`` of them; ``count`` is the number of slabs.
     """
     z, y, x = _grid_axes(pyramid.source_shape, stride)
     per_slice = pyramid.channels(intensity, depth) * len(y) * len(x)
     thickness = max(1, SLAB_VALUES // per_slice)
-    for start in range(0, len(z), thickness):
+    count = math.ceil(len(z) / thickness)
+    for index, start in enumerate(range(0, len(z), thickness)):
         block = pyramid.sample_grid((z[start : start + thickness], y, x), intensity=intensity, depth=depth)
-        yield slice(start, start + thickness), block if transform is None else transform(block)
+        yield index, count, slice(start, start + thickness), block if transform is None else transform(block)
 
 
 def _features(
@@ -114,10 +115,9 @@ def _features(
     )
     out_shape = [math.ceil(n / stride) for n in volume.shape]
     features = np.empty((pyramid.channels(), *out_shape), dtype=np.float32)
-    slabs = math.ceil(out_shape[0] / max(1, SLAB_VALUES // (pyramid.channels() * out_shape[1] * out_shape[2])))
-    for index, (z, block) in enumerate(hypercolumn_slabs(pyramid, stride, intensity=False)):
+    for index, count, z, block in hypercolumn_slabs(pyramid, stride, intensity=False):
         features[:, z] = block.numpy()
-        yield Progress(index + 1, slabs, f"hypercolumns, slab {index + 1}/{slabs}")
+        yield Progress(index + 1, count, f"hypercolumns, slab {index + 1}/{count}")
     return features
 
 

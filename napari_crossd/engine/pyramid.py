@@ -197,27 +197,8 @@ class Pyramid:
         levels = self.levels if depth is None else self.levels[:depth]
         return ([self.intensity[None]] if intensity else []) + levels
 
-    def sample(self, points: torch.Tensor, intensity: bool = False, depth: int | None = None) -> torch.Tensor:
-        """Hypercolumns ``(P, C)`` at source-grid points ``(P, 3)`` (Z, Y, X, may be fractional).
-
-        With ``intensity`` the normalised grey value comes first, then the first ``depth``
-        levels (all by default) in order.
-        """
-        grid = self._grid(points).view(1, -1, 1, 1, 3)
-        columns = [
-            F.grid_sample(m[None], grid, mode="bilinear", padding_mode="border", align_corners=False).view(
-                m.shape[0], -1
-            )
-            for m in self._maps(intensity, depth)
-        ]
-        return torch.cat(columns).T
-
-    def sample_grid(
-        self, axes: Sequence[torch.Tensor], intensity: bool = False, depth: int | None = None
-    ) -> torch.Tensor:
-        """Hypercolumns ``(C, len(z), len(y), len(x))`` on the product of source coordinates ``axes``."""
-        z, y, x = (a.float() for a in axes)
-        points = torch.stack(torch.meshgrid(z, y, x, indexing="ij"), dim=-1)
+    def _interpolate(self, points: torch.Tensor, intensity: bool, depth: int | None) -> torch.Tensor:
+        """Hypercolumns ``(C, *points.shape[:-1])`` at source-grid points ``(Z', Y', X', 3)``."""
         grid = self._grid(points)[None]
         return torch.cat(
             [
@@ -225,6 +206,21 @@ class Pyramid:
                 for m in self._maps(intensity, depth)
             ]
         )
+
+    def sample(self, points: torch.Tensor, intensity: bool = False, depth: int | None = None) -> torch.Tensor:
+        """Hypercolumns ``(P, C)`` at source-grid points ``(P, 3)`` (Z, Y, X, may be fractional).
+
+        With ``intensity`` the normalised grey value comes first, then the first ``depth``
+        levels (all by default) in order.
+        """
+        return self._interpolate(points.view(-1, 1, 1, 3), intensity, depth).flatten(1).T
+
+    def sample_grid(
+        self, axes: Sequence[torch.Tensor], intensity: bool = False, depth: int | None = None
+    ) -> torch.Tensor:
+        """Hypercolumns ``(C, len(z), len(y), len(x))`` on the product of source coordinates ``axes``."""
+        z, y, x = (a.float() for a in axes)
+        return self._interpolate(torch.stack(torch.meshgrid(z, y, x, indexing="ij"), dim=-1), intensity, depth)
 
 
 def _resample(unit: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

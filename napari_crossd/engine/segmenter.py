@@ -528,18 +528,16 @@ def _predict(segmenter: Segmenter, pyramid: Pyramid, device: torch.device) -> Jo
         with torch.inference_mode():
             return head.forward_grid(block.to(device)).softmax(0).cpu()
 
-    count = 0
-    total = None
-    for z, block in hypercolumn_slabs(pyramid, 1, intensity=True, depth=segmenter.depth, transform=classify):
+    for index, count, z, block in hypercolumn_slabs(
+        pyramid, 1, intensity=True, depth=segmenter.depth, transform=classify
+    ):
         probabilities[:, z] = block.numpy()
-        count += 1
-        total = total or math.ceil(shape[0] / block.shape[1])
-        yield Progress(count, total, f"classifying slab {count}/{total}")
-    labels = _labels_from(probabilities)
-    return labels, probabilities
+        yield Progress(index + 1, count, f"classifying slab {index + 1}/{count}")
+    return _labels_from(probabilities), probabilities
 
 
-def _labels_from(probabilities) -> np.ndarray:
+def _labels_from(probabilities):
+    """Labels 1..N (the most probable class) of ``(N, Z, Y, X)`` probabilities, numpy or dask."""
     dtype = np.uint8 if probabilities.shape[0] < 255 else np.uint16
     return (probabilities.argmax(0) + 1).astype(dtype)
 
@@ -594,8 +592,7 @@ def segment_job(
             return run_job(job())[1]
 
         probabilities = lazy_blocks(volume, segmenter.num_classes, block_probabilities, dtype=np.float16)
-        labels = (probabilities.argmax(0) + 1).astype(np.uint8 if segmenter.num_classes < 255 else np.uint16)
-        return labels, probabilities
+        return _labels_from(probabilities), probabilities
     pyramid = yield from segmenter.pyramid_job(volume, levels=segmenter.levels[: segmenter.depth], **settings)
     return (yield from _predict(segmenter, pyramid, device))
 
