@@ -331,7 +331,8 @@ def finetune_job(
         crop: crop edge for ``full`` training, encoded voxels.
         tile, overlap: sliding-window settings of the frozen encoder's pass.
         device: where to train.
-        seed: seeds sampling, splits and augmentation.
+        seed: seeds the head's initialisation, sampling, splits and augmentation (dropout
+            draws from torch's global generator: ``torch.manual_seed`` for bit-exact runs).
 
     Yields:
         :class:`Progress` per step with its training ``loss``.
@@ -375,7 +376,9 @@ def finetune_job(
     try:
         for depth in depths:
             if fresh or depth != segmenter.depth:
-                head = segmenter.new_head(depth)
+                with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+                    torch.manual_seed(seed)
+                    head = segmenter.new_head(depth)
                 head.fit_statistics(pyramid.sample(train[0], intensity=True, depth=depth))
             else:
                 head = copy.deepcopy(segmenter.head)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..io.volumes import read_volume
+
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
@@ -41,7 +43,6 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz")
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff")
 # idx type codes (http://yann.lecun.com/exdb/mnist/): code -> big-endian numpy dtype.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -339,7 +340,7 @@ class VolumeSlices(_Augmented):
         for row in rows:
             path = Path(row["path"].strip())
             path = path if path.is_absolute() else listing.parent / path
-            volume = _read_volume(path)
+            volume = np.asarray(read_volume(path).data, dtype=np.float32)
             lo, hi = np.percentile(volume, (0.5, 99.5))
             volume = np.clip((volume - lo) / max(hi - lo, 1e-8), 0, 1).astype(np.float32)
             label = self.classes.index(row["label"].strip())
@@ -358,26 +359,6 @@ class VolumeSlices(_Augmented):
 
     def _image(self, index: int) -> torch.Tensor:
         return self.slices[index].float().expand(3, -1, -1)
-
-
-def _read_volume(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"volume not found: {path}")
-    suffix = _suffix(path)
-    if suffix in (".nii", ".nii.gz"):
-        import nibabel as nib
-
-        volume = np.asanyarray(nib.as_closest_canonical(nib.load(path)).dataobj)
-    elif suffix in (".tif", ".tiff"):
-        import tifffile
-
-        volume = tifffile.imread(path)
-    else:
-        raise ValueError(f"{path}: expected a volume ({', '.join(_VOLUME_SUFFIXES)}).")
-    volume = np.squeeze(volume)
-    if volume.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {volume.shape}.")
-    return volume.astype(np.float32)
 
 
 def open_dataset(
