@@ -53,7 +53,7 @@ def texture_folder(tmp_path_factory) -> Path:
     return root
 
 
-def _torchrun(args: list[str], out: Path, timeout: float = 120) -> None:
+def _torchrun(args: list[str], out: Path, timeout: float = 600) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "napari_crossd.cli", "pretrain", *args, "--out", str(out)]

@@ -91,8 +91,6 @@ def load_model_in_widget(qtbot, viewer, checkpoint=None, strategy="i3d"):
 def test_workflow_features_finetune_predict_save_reload(
     qtbot, viewer_with_crop, mni_crop_files, mobilenet_v2_imagenet_path, tmp_path, errors
 ):
-    from napari_crossd._widgets._stall import StallMeter
-
     viewer, image = viewer_with_crop
     assert image.data.shape == (32, 64, 64)
     assert tuple(image.scale) == (1.0, 1.0, 1.0) and tuple(image.translate) == (-12.0, -114.0, -32.0)
@@ -110,9 +108,10 @@ def test_workflow_features_finetune_predict_save_reload(
     run = dock(viewer, "Run (features, segmentation)")
     assert run.image.value is image
     run.keep_stack.value = True
-    meter = StallMeter(10)  # the event loop's longest stall over features, fine-tuning and prediction
-    meter.start()
     run.run()
+    # The call returned while the job runs in its worker thread: the GUI stays live. (How long
+    # the event loop stalls is a benchmark, docs/make_screenshots.py -> results/gui_stall.md.)
+    assert run.runner.busy
     wait_idle(qtbot, run)
     assert run.runner.last_status == "done", run.runner.last_error
     pca, stack = viewer.layers["mni_t1_crop features (PCA)"], viewer.layers["mni_t1_crop features"]
@@ -135,9 +134,10 @@ def test_workflow_features_finetune_predict_save_reload(
     np.testing.assert_array_equal(strokes_layer.data, painted)
     strokes_layer.metadata["class_names"] = ["background", "other", "grey matter", "white matter"]
 
-    # Fine-tune 40 steps with a live loss curve, measuring the event loop's longest stall.
+    # Fine-tune 40 steps with a live loss curve, drawn in the GUI thread while the job runs.
     tune.steps.value = 40
     tune.train()
+    assert tune.runner.busy
     wait_idle(qtbot, tune)
     assert tune.runner.last_status == "done", tune.runner.last_error
     # One loss per training step: 40 for each candidate head the engine tries.
@@ -149,15 +149,7 @@ def test_workflow_features_finetune_predict_save_reload(
     # Predict: a new Labels layer on the image grid, checked against the tissue labels.
     tune.predict()
     wait_idle(qtbot, tune)
-    meter.stop()
     assert tune.runner.last_status == "done", tune.runner.last_error
-    # The loop kept ticking while the jobs ran: no freeze, and typical stalls far below a frame
-    # of perceptible lag (2-core shared CPU: measured worst 8-1100 ms, 99th percentile < 100 ms).
-    print(f"event loop during features + fine-tune + predict: worst stall {meter.worst_ms:.0f} ms, "
-          f"99th percentile {meter.percentile_ms(99):.0f} ms over {len(meter.gaps_ms)} beats")
-    assert len(meter.gaps_ms) > 100
-    assert meter.worst_ms < 2000, f"the event loop stalled {meter.worst_ms:.0f} ms"
-    assert meter.percentile_ms(99) < 250, f"99th percentile stall {meter.percentile_ms(99):.0f} ms"
     result = viewer.layers["mni_t1_crop segmentation"]
     assert result.data.shape == (32, 64, 64)
     assert tuple(result.scale) == tuple(image.scale) and tuple(result.translate) == tuple(image.translate)
