@@ -1,8 +1,8 @@
 """napari reader for NIfTI volumes (.nii, .nii.gz).
 
-The volume is reoriented to the closest canonical (RAS+) orientation with nibabel and
-its axes reversed to napari's (Z, Y, X) = (S, A, R) order, so that the last two axes
-show axial slices. Voxel spacing (the canonical zooms) becomes the layer's ``scale`` and
+The volume is reoriented to the closest canonical (RAS+) orientation and its axes
+reversed to napari's (Z, Y, X) = (S, A, R) order (:func:`napari_crossd.io.volumes.canonical_zyx`),
+so that the last two axes show axial slices. Voxel spacing (the canonical zooms) becomes the layer's ``scale`` and
 the voxel origin its ``translate`` (world coordinates in mm); the file's own affine and
 shape are kept in ``metadata["nifti"]`` so that :mod:`napari_crossd._writer` writes
 results back on the source grid, voxel for voxel.
@@ -57,19 +57,14 @@ def nifti_layer_data(path: str | os.PathLike, layer_type: str | None = None) -> 
     """
     import nibabel as nib
 
+    from .io.volumes import canonical_zyx
+
     path = Path(path)
     image = nib.load(str(path))
     if len(image.shape) not in (3, 4):
         raise ValueError(f"{path.name}: expected a 3D or 4D NIfTI volume; got shape {image.shape}")
-    canonical = nib.as_closest_canonical(image)
-    data = np.asanyarray(canonical.dataobj)
-    if data.ndim == 4:
-        data = np.moveaxis(data, 3, 0)
-    # (R, A, S) -> (S, A, R): napari's last two axes are then the axial plane.
-    data = np.ascontiguousarray(np.swapaxes(data, -1, -3))
-    affine = canonical.affine
-    zooms = np.asarray(canonical.header.get_zooms()[:3], dtype=float)
-    scale = zooms[::-1]
+    data, spacing, affine = canonical_zyx(image)
+    scale = np.asarray(spacing)
     translate = affine[:3, 3][::-1]
     if layer_type is None:
         integer = np.issubdtype(data.dtype, np.integer)

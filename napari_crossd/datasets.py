@@ -17,7 +17,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["MNI_CLASSES", "Sample", "load_mni152", "load_nuclei", "nifti_to_zyx", "paint_strokes"]
+from .io.volumes import canonical_zyx
+
+__all__ = ["MNI_CLASSES", "Sample", "load_mni152", "load_nuclei", "paint_strokes"]
 
 # Classes of the MNI152 tissue labels, label 1 first.
 MNI_CLASSES = ("background", "other", "grey matter", "white matter")
@@ -48,16 +50,6 @@ def mni152_path(kind: str = "t1") -> Path:
     return root / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
 
 
-def nifti_to_zyx(image: nib.Nifti1Image) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    """``(data (Z, Y, X), spacing (Z, Y, X), canonical affine)`` of a 3D NIfTI image."""
-    canonical = nib.as_closest_canonical(image)
-    data = np.asanyarray(canonical.dataobj)
-    if data.ndim != 3:
-        raise ValueError(f"Expected a 3D NIfTI image, got shape {data.shape}.")
-    zooms = canonical.header.get_zooms()[:3]
-    return np.ascontiguousarray(data.transpose(2, 1, 0)), tuple(float(z) for z in zooms[::-1]), canonical.affine
-
-
 def load_mni152() -> Sample:
     """The MNI152 T1 template (197 x 233 x 189 voxels of 1 mm, brain only) and tissue labels.
 
@@ -65,9 +57,9 @@ def load_mni152() -> Sample:
     neither map above 0.5: mostly CSF), 3 grey matter, 4 white matter (the larger of the
     two probability maps, when above 0.5).
     """
-    t1, spacing, affine = nifti_to_zyx(nib.load(mni152_path("t1")))
-    gm = nifti_to_zyx(nib.load(mni152_path("gm")))[0].astype(np.float32) / 255
-    wm = nifti_to_zyx(nib.load(mni152_path("wm")))[0].astype(np.float32) / 255
+    t1, spacing, affine = canonical_zyx(nib.load(mni152_path("t1")))
+    gm = canonical_zyx(nib.load(mni152_path("gm")))[0].astype(np.float32) / 255
+    wm = canonical_zyx(nib.load(mni152_path("wm")))[0].astype(np.float32) / 255
     labels = np.ones(t1.shape, dtype=np.uint8)
     labels[t1 > 0] = 2
     labels[(gm > 0.5) & (gm >= wm)] = 3
