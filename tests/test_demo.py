@@ -39,10 +39,10 @@ def test_headless_demo_writes_outputs_without_a_display(tmp_path, mni_t1, mobile
     np.testing.assert_allclose(segmentation.affine[:3, 3], [-98 + 66, -134 + 20, -72 + 60])
     labels = np.asarray(segmentation.dataobj)
     assert set(np.unique(labels)) <= {1, 2, 3, 4}
-    # Dice against the tissue labels (measured 0.96 / 0.41 / 0.61 / 0.68 after 30 steps).
+    # Dice against the tissue labels (measured 0.98 / 0.46 / 0.72 / 0.78 after 30 steps).
     dice = summary["dice"]
-    assert dice["background"] >= 0.9 and dice["white matter"] >= 0.5 and dice["grey matter"] >= 0.45
-    assert summary["mean_dice"] >= 0.55
+    assert dice["background"] >= 0.9 and dice["white matter"] >= 0.6 and dice["grey matter"] >= 0.55
+    assert summary["mean_dice"] >= 0.6
     screenshot = iio.imread(out / "screenshot.png")
     assert screenshot.shape == (64, 3 * 64 + 2 * 4, 3)  # T1 + strokes | PCA | segmentation, one axial slice
     assert screenshot.std() > 10
