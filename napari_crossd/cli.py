@@ -174,7 +174,7 @@ def _finetune(args: argparse.Namespace) -> None:
         raise
     written = save_segmenter(segmenter, args.out)
     print(f"{summary['steps']} steps, best held-out loss {summary['best_loss']:.4f} at step {summary['best_step']}, "
-          f"hypercolumn depth {summary['depth']}; saved to {written[0].parent}")
+          f"hypercolumn {segmenter.hypercolumn}; saved to {written[0].parent}")
 
 
 def _segment(args: argparse.Namespace) -> None:

@@ -160,6 +160,12 @@ class Segmenter(nn.Module):
         self.depth = depth
         self.smooth = smooth
 
+    @property
+    def hypercolumn(self) -> str:
+        """What the head reads at each voxel, e.g. ``"depth 1 + smoothed"``: the grey value,
+        its smoothed copies (``+ smoothed``) and the first ``depth`` encoder levels."""
+        return _hypercolumn_name(self.depth, self.smooth)
+
     def config(self) -> dict:
         """What :func:`load_segmenter` needs besides the weights (JSON-serialisable)."""
         return {
@@ -212,6 +218,10 @@ class Segmenter(nn.Module):
         )
         self._cache = (key, levels, pyramid)
         return pyramid
+
+
+def _hypercolumn_name(depth: int, smooth: bool) -> str:
+    return f"depth {depth}" + (" + smoothed" if smooth else "")
 
 
 def _fingerprint(volume) -> tuple:
@@ -405,7 +415,7 @@ def finetune_job(
     try:
         for rank, (depth, smooth) in enumerate(candidates):
             columns_of = functools.partial(pyramid.sample, intensity=True, depth=depth, smoothed=smooth)
-            name = f"depth {depth}" + (" + smoothed" if smooth else "")
+            name = _hypercolumn_name(depth, smooth)
             if fresh or (depth, smooth) != (segmenter.depth, segmenter.smooth):
                 with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
                     torch.manual_seed(seed)
