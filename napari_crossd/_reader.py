@@ -1,8 +1,9 @@
 """napari reader for NIfTI volumes (.nii, .nii.gz).
 
 The volume is reoriented to the closest canonical (RAS+) orientation and its axes
-reversed to napari's (Z, Y, X) = (S, A, R) order (:func:`napari_crossd.io.volumes.canonical_zyx`),
-so that the last two axes show axial slices. Voxel spacing (the canonical zooms) becomes the layer's ``scale`` and
+reversed to napari's (Z, Y, X) = (S, A, R) order
+(:func:`napari_crossd.io.volumes.canonical_zyx`), so that the last two axes show axial
+slices. Voxel spacing (the canonical zooms) becomes the layer's ``scale`` and
 the voxel origin its ``translate`` (world coordinates in mm); the file's own affine and
 shape are kept in ``metadata["nifti"]`` so that :mod:`napari_crossd._writer` writes
 results back on the source grid, voxel for voxel.

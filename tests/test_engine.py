@@ -314,12 +314,12 @@ def test_smoothed_grey_values_match_scikit_image_and_stay_in_tiles(imagenet_3d, 
     np.testing.assert_allclose(copies[1].numpy(), gaussian(unit.numpy(), sigma=2.5, mode="nearest"), atol=1e-6)
     # On the pyramid: the same values on the encoded grid, zero padding to the stride-8 grid.
     cpu = torch.device("cpu")
-    pyramid = run_job(encode_job(imagenet_3d, image, stats, levels=[0, 1, 2], smoothing=(1.0, 2.5), device=cpu))
+    plain = run_job(encode_job(imagenet_3d, image, stats, levels=[0, 1, 2], device=cpu))
+    pyramid = plain.with_smoothing((1.0, 2.5))
     assert pyramid.smoothed.shape == (2, 32, 48, 40) and pyramid.padded_shape == (32, 48, 40)
     torch.testing.assert_close(pyramid.smoothed[:, :30, :45, :37], copies)
     assert pyramid.smoothed[:, 30:].abs().max() == 0 and pyramid.smoothed[:, :, :, 37:].abs().max() == 0
     assert pyramid.channels(intensity=True, smoothed=True, depth=0) == 3
-    plain = run_job(encode_job(imagenet_3d, image, stats, levels=[0], device=cpu))
     with pytest.raises(ValueError, match="no smoothed grey values"):
         plain.sample(torch.zeros(1, 3), intensity=True, smoothed=True)
 

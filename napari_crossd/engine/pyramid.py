@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 
 import numpy as np
@@ -166,7 +166,7 @@ class Pyramid:
             (not zero for a crop of the volume).
         stats: the intensity statistics ``intensity`` was normalised with.
         smoothed: ``(K, Z_p, Y_p, X_p)`` Gaussian-smoothed copies of ``intensity`` (see
-            :func:`encode_job`'s ``smoothing``), or None.
+            :meth:`with_smoothing`), or None.
     """
 
     levels: list[torch.Tensor]
@@ -197,9 +197,19 @@ class Pyramid:
         normalised = 2 * ((points.to(device).float() + 0.5) * scale - origin) / padded - 1
         return normalised.flip(-1)  # grid_sample wants (x, y, z)
 
+    def with_smoothing(self, sigmas: Sequence[float]) -> Pyramid:
+        """This (whole-volume) pyramid with :attr:`smoothed` grey values at ``sigmas`` (encoded voxels).
+
+        The grey values are smoothed on the encoded grid without its zero padding (borders:
+        nearest voxel), then padded like :attr:`intensity`.
+        """
+        encoded = _encoded_shape(self.source_shape, self.scale)
+        unit = self.intensity[tuple(slice(0, n) for n in encoded)]
+        return replace(self, smoothed=F.pad(smoothed_copies(unit, sigmas), _far_padding(encoded, self.padded_shape)))
+
     def _maps(self, intensity: bool, depth: int | None, smoothed: bool) -> list[torch.Tensor]:
         if smoothed and self.smoothed is None:
-            raise ValueError("This pyramid has no smoothed grey values: encode it with smoothing sigmas.")
+            raise ValueError("This pyramid has no smoothed grey values: make them with Pyramid.with_smoothing.")
         levels = self.levels if depth is None else self.levels[:depth]
         maps = [self.intensity[None]] if intensity else []
         if smoothed:
@@ -245,6 +255,15 @@ def smoothed_copies(unit: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor
     )
 
 
+def _encoded_shape(source_shape: Sequence[int], scale: Sequence[float]) -> tuple[int, int, int]:
+    return tuple(max(1, round(n * s)) for n, s in zip(source_shape, scale, strict=True))
+
+
+def _far_padding(shape: Sequence[int], padded: Sequence[int]) -> list[int]:
+    """``F.pad`` widths that extend the last three axes from ``shape`` to ``padded`` at their far end."""
+    return [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]]
+
+
 def _resample(unit: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return F.interpolate(unit[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
 
@@ -259,7 +278,6 @@ def encode_job(
     tile: int | None = None,
     overlap: float = 0.25,
     batch: int = 1,
-    smoothing: Sequence[float] = (),
     device: torch.device,
 ) -> Job[Pyramid]:
     """Run the encoder over ``volume`` in overlapping tiles and blend the levels.
@@ -278,8 +296,6 @@ def encode_job(
         tile: tile edge in encoded voxels (default :func:`default_tile`).
         overlap: fraction of the tile shared by neighbouring tiles, in [0, 0.9].
         batch: tiles per forward pass.
-        smoothing: Gaussian sigmas, in encoded voxels, of the pyramid's ``smoothed``
-            grey values (none by default).
         device: where the network runs; the model is moved there and back to the CPU at the
             end, so device memory is free again when the job finishes.
 
@@ -300,19 +316,17 @@ def encode_job(
 
     source_shape = tuple(int(n) for n in volume.shape)
     unit = unit_intensity(volume, stats)
-    encoded_shape = tuple(max(1, round(n * s)) for n, s in zip(source_shape, scale, strict=True))
+    scale = tuple(float(s) for s in scale)
+    encoded_shape = _encoded_shape(source_shape, scale)
     if encoded_shape != source_shape:
         unit = _resample(unit, encoded_shape)
     padded = tuple(math.ceil(n / deepest) * deepest for n in encoded_shape)
-    padding = [0, padded[2] - encoded_shape[2], 0, padded[1] - encoded_shape[1], 0, padded[0] - encoded_shape[0]]
-    intensity = F.pad(unit, padding)
-    smoothed = F.pad(smoothed_copies(unit, smoothing), padding) if smoothing else None
+    intensity = F.pad(unit, _far_padding(encoded_shape, padded))
     channels = input_channels(model)
     normalization = getattr(model, "crossd_meta", {}).get("normalization")
-    scale = tuple(float(s) for s in scale)
 
     if not levels:  # the grey values alone: nothing to run
-        return Pyramid([], [], intensity, source_shape, scale, stats=stats, smoothed=smoothed)
+        return Pyramid([], [], intensity, source_shape, scale, stats=stats)
     try:
         while True:
             try:
@@ -352,7 +366,7 @@ def encode_job(
     finally:
         model.to("cpu")
         release_memory(device)
-    return Pyramid(levels_out, strides, intensity, source_shape, scale, stats=stats, smoothed=smoothed)
+    return Pyramid(levels_out, strides, intensity, source_shape, scale, stats=stats)
 
 
 def _tiles(

@@ -5,8 +5,8 @@ Convention:
     classes. Predictions give every voxel a class 1..N and per-class probabilities
     (N, Z, Y, X) float16. The classifier (:class:`PointHead`) is a two-layer MLP applied
     to each voxel's hypercolumn (normalised grey value, Gaussian-smoothed copies of it and
-    every encoder level, trilinearly interpolated), so it trains on the annotated voxels alone and predicts a
-    whole volume slab by slab.
+    encoder levels, trilinearly interpolated), so it trains on the annotated voxels alone
+    and predicts a whole volume slab by slab.
 
 With a frozen encoder (the default) the encoder runs once per volume and its features
 are cached: training touches only the few thousand annotated hypercolumns, and a second
@@ -183,9 +183,11 @@ class Segmenter(nn.Module):
         }
 
     def pyramid_job(
-        self, volume, *, levels=None, spacing=None, resample=None, tile=None, overlap=0.25, batch=1, device
+        self, volume, *, levels=None, smoothed=False, spacing=None, resample=None, tile=None, overlap=0.25, batch=1,
+        device,
     ) -> Job[Pyramid]:
-        """The encoder's ``levels`` (default: all of :attr:`levels`) of ``volume``.
+        """The encoder's ``levels`` (default: all of :attr:`levels`) of ``volume``, and its
+        grey values smoothed at :attr:`smoothing` if ``smoothed``.
 
         The last pyramid is cached: the same volume with the same settings (and the encoder
         unchanged) comes back without running the encoder again.
@@ -193,31 +195,30 @@ class Segmenter(nn.Module):
         check_volume(volume)
         levels = self.levels if levels is None else list(levels)
         stats = intensity_stats(volume, self.preset)
-        key = (
-            _fingerprint(volume), stats, spacing_scale(spacing, resample), tile, overlap, self.smoothing,
-            self._encoder_revision,
-        )
+        key = (_fingerprint(volume), stats, spacing_scale(spacing, resample), tile, overlap, self._encoder_revision)
         if self._cache is not None and self._cache[0] == key and self._cache[1][: len(levels)] == levels:
             yield Progress(1, 1, "encoder features reused from the cache")
-            cached = self._cache[2]
-            return dataclasses.replace(
-                cached, levels=cached.levels[: len(levels)], strides=cached.strides[: len(levels)]
+        else:
+            self._cache = None  # a stale pyramid can be large: free it before computing the next
+            pyramid = yield from encode_job(
+                self.encoder,
+                volume,
+                stats,
+                levels=levels,
+                scale=key[2],
+                tile=tile,
+                overlap=overlap,
+                batch=batch,
+                device=device,
             )
-        self._cache = None  # a stale pyramid can be large: free it before computing the next
-        pyramid = yield from encode_job(
-            self.encoder,
-            volume,
-            stats,
-            levels=levels,
-            scale=key[2],
-            tile=tile,
-            overlap=overlap,
-            batch=batch,
-            smoothing=self.smoothing,
-            device=device,
-        )
-        self._cache = (key, levels, pyramid)
-        return pyramid
+            self._cache = (key, levels, pyramid)
+        key, cached_levels, pyramid = self._cache
+        if smoothed and pyramid.smoothed is None:
+            yield Progress(0, None, "smoothing the grey values")
+            pyramid = pyramid.with_smoothing(self.smoothing)
+            self._cache = (key, cached_levels, pyramid)
+        depth = len(levels)
+        return dataclasses.replace(pyramid, levels=pyramid.levels[:depth], strides=pyramid.strides[:depth])
 
 
 def _hypercolumn_name(depth: int, smooth: bool) -> str:
@@ -402,6 +403,7 @@ def finetune_job(
     pyramid = yield from segmenter.pyramid_job(
         volume,
         levels=segmenter.levels[: max(depth for depth, _ in candidates)],
+        smoothed=any(smooth for _, smooth in candidates),
         spacing=spacing,
         resample=resample,
         tile=tile,
@@ -436,7 +438,7 @@ def finetune_job(
             for step in range(1, steps + 1):
                 head.train()
                 if full:
-                    loss = _full_step(encoder, head, segmenter, pyramid, *train, crop, smooth, generator, device)
+                    loss = _full_step(encoder, head, segmenter, pyramid, *train, crop, generator, device)
                 else:
                     batch = _class_batches(train[1], batch_points, generator)
                     jitter = (torch.rand(batch.numel(), 3, generator=generator) - 0.5) * 2 * _JITTER
@@ -452,9 +454,7 @@ def finetune_job(
                     head.eval()
                     with torch.no_grad():
                         if full:
-                            val_loss = _full_loss(
-                                encoder, head, segmenter, pyramid, *validation, crop, smooth, device
-                            )
+                            val_loss = _full_loss(encoder, head, segmenter, pyramid, *validation, crop, device)
                         else:
                             val_loss = F.cross_entropy(head(val_columns), validation[1].to(device)).item()
                     if val_loss < candidate_best:
@@ -495,9 +495,7 @@ def finetune_job(
     }
 
 
-def _crop_pyramid(
-    encoder, segmenter, pyramid, centre, crop, smooth, generator, device, augment
-) -> tuple[Pyramid, tuple]:
+def _crop_pyramid(encoder, segmenter, pyramid, centre, crop, generator, device, augment) -> tuple[Pyramid, tuple]:
     """Encode a ``crop``^3 window of the encoded grid around ``centre`` (source coordinates)."""
     deepest = max(pyramid.strides)
     size = [min(math.ceil(crop / deepest) * deepest, n) for n in pyramid.padded_shape]
@@ -508,7 +506,7 @@ def _crop_pyramid(
     ]
     window = tuple(slice(o, o + n) for o, n in zip(origin, size, strict=True))
     region = pyramid.intensity[window]
-    smoothed = pyramid.smoothed[(slice(None), *window)] if smooth else None
+    smoothed = pyramid.smoothed[(slice(None), *window)] if segmenter.smooth else None
     flips = []
     if augment:
         flips = [axis for axis in range(3) if torch.rand(1, generator=generator).item() < 0.5]
@@ -538,34 +536,30 @@ def _points_in_crop(pyramid: Pyramid, coords: torch.Tensor, origin, size) -> tor
     return ((encoded >= low) & (encoded <= high)).all(1)
 
 
-def _crop_loss(encoder, head, segmenter, pyramid, coords, classes, centre, crop, smooth, generator, device, augment):
-    crop_pyramid, (origin, size) = _crop_pyramid(
-        encoder, segmenter, pyramid, centre, crop, smooth, generator, device, augment
-    )
+def _crop_loss(encoder, head, segmenter, pyramid, coords, classes, centre, crop, generator, device, augment):
+    crop_pyramid, (origin, size) = _crop_pyramid(encoder, segmenter, pyramid, centre, crop, generator, device, augment)
     inside = _points_in_crop(pyramid, coords, origin, size)
     points, targets = coords[inside], classes[inside].to(device)
     counts = torch.bincount(targets, minlength=segmenter.num_classes).float()
     weight = torch.where(counts > 0, 1 / counts.clamp_min(1), torch.zeros_like(counts))
-    columns = crop_pyramid.sample(points, intensity=True, smoothed=smooth)
+    columns = crop_pyramid.sample(points, intensity=True, smoothed=segmenter.smooth)
     return F.cross_entropy(head(columns), targets, weight=weight)
 
 
-def _full_step(encoder, head, segmenter, pyramid, coords, classes, crop, smooth, generator, device):
+def _full_step(encoder, head, segmenter, pyramid, coords, classes, crop, generator, device):
     encoder.eval()  # BatchNorm statistics stay those of the pretraining; its weights still learn
     present = classes.unique()
     chosen = present[torch.randint(present.numel(), (1,), generator=generator)]
     candidates = torch.nonzero(classes == chosen).flatten()
     centre = coords[candidates[torch.randint(candidates.numel(), (1,), generator=generator)]][0]
-    return _crop_loss(encoder, head, segmenter, pyramid, coords, classes, centre, crop, smooth, generator, device, True)
+    return _crop_loss(encoder, head, segmenter, pyramid, coords, classes, centre, crop, generator, device, True)
 
 
-def _full_loss(encoder, head, segmenter, pyramid, coords, classes, crop, smooth, device, crops: int = 4) -> float:
+def _full_loss(encoder, head, segmenter, pyramid, coords, classes, crop, device, crops: int = 4) -> float:
     generator = torch.Generator().manual_seed(0)
     centres = coords[torch.randperm(coords.shape[0], generator=generator)[:crops]]
     losses = [
-        _crop_loss(
-            encoder, head, segmenter, pyramid, coords, classes, centre, crop, smooth, generator, device, False
-        ).item()
+        _crop_loss(encoder, head, segmenter, pyramid, coords, classes, centre, crop, generator, device, False).item()
         for centre in centres
     ]
     return float(np.mean(losses))
@@ -644,16 +638,19 @@ def segment_job(
                     tile=tile,
                     overlap=overlap,
                     batch=batch,
-                    smoothing=segmenter.smoothing if segmenter.smooth else (),
                     device=device,
                 )
+                if segmenter.smooth:
+                    pyramid = pyramid.with_smoothing(segmenter.smoothing)
                 return (yield from _predict(segmenter, pyramid, device))
 
             return run_job(job())[1]
 
         probabilities = lazy_blocks(volume, segmenter.num_classes, block_probabilities, dtype=np.float16)
         return _labels_from(probabilities), probabilities
-    pyramid = yield from segmenter.pyramid_job(volume, levels=segmenter.levels[: segmenter.depth], **settings)
+    pyramid = yield from segmenter.pyramid_job(
+        volume, levels=segmenter.levels[: segmenter.depth], smoothed=segmenter.smooth, **settings
+    )
     return (yield from _predict(segmenter, pyramid, device))
 
 
