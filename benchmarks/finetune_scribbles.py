@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from napari_crossd import build_model, inflate
-from napari_crossd.datasets import Sample, load_mni152, load_nuclei, paint_strokes
+from napari_crossd.datasets import Sample, dice_scores, load_mni152, load_nuclei, paint_strokes
 from napari_crossd.engine import Segmenter, finetune, prepare_model, segment
 
 ARMS = ("centre", "i3d", "acs", "crossd", "random", "default")
@@ -44,11 +44,6 @@ def nuclei_block() -> Sample:
 
 
 DATA = {"mni152": load_mni152, "nuclei": nuclei_block}
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray, cls: int) -> float:
-    a, b = prediction == cls, truth == cls
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 
 def ours(arm: str, sample: Sample, strokes, steps: int):
@@ -104,7 +99,7 @@ def main() -> None:
                 labels, seconds, depth = forest(sample, strokes)
             else:
                 labels, seconds, depth = ours(arm, sample, strokes, args.steps)
-            scores = [dice(labels[test], sample.labels[test], c) for c in classes]
+            scores = list(dice_scores(labels[test], sample.labels[test], classes).values())
             rows.setdefault(arm, []).append((*scores, seconds))
             depths.setdefault(arm, []).append(depth)
             report = " ".join(f"{s:.3f}" for s in scores)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .io.volumes import canonical_zyx
 
-__all__ = ["MNI_CLASSES", "Sample", "load_mni152", "load_nuclei", "paint_strokes"]
+__all__ = ["MNI_CLASSES", "Sample", "dice_scores", "load_mni152", "load_nuclei", "paint_strokes"]
 
 # Classes of the MNI152 tissue labels, label 1 first.
 MNI_CLASSES = ("background", "other", "grey matter", "white matter")
@@ -132,3 +132,18 @@ def paint_strokes(
                     if 0 <= ny < plane.shape[0] and 0 <= nx < plane.shape[1] and mask[ny, nx]:
                         y, x = ny, nx
     return np.moveaxis(strokes, 0, axis)
+
+
+def dice_scores(prediction: np.ndarray, truth: np.ndarray, classes) -> dict[int, float]:
+    """Dice 2|P n T| / (|P| + |T|) of each class in ``classes`` (NaN where a class is in neither).
+
+    Example:
+        >>> dice_scores(np.array([1, 1, 2, 2]), np.array([1, 2, 2, 2]), [1, 2])
+        {1: 0.6666666666666666, 2: 0.8}
+    """
+    scores = {}
+    for cls in classes:
+        p, t = prediction == cls, truth == cls
+        denominator = int(p.sum() + t.sum())
+        scores[int(cls)] = float(2 * (p & t).sum() / denominator) if denominator else float("nan")
+    return scores

@@ -139,7 +139,7 @@ def run_pipeline(
     import imageio.v3 as iio
 
     from ._writer import write_labels
-    from .datasets import MNI_CLASSES, paint_strokes
+    from .datasets import MNI_CLASSES, dice_scores, paint_strokes
     from .engine import (
         Segmenter,
         features_job,
@@ -195,10 +195,8 @@ def run_pipeline(
     [segmentation_path] = write_labels(str(out / "segmentation.nii.gz"), labels, meta)
     saved = save_segmenter(segmenter, out / "segmenter")
     lap("segment")
-    dice = {}
-    for index, name in enumerate(MNI_CLASSES, start=1):
-        a, b = labels == index, truth == index
-        dice[name] = round(float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1)), 4)
+    scores = dice_scores(labels, truth, range(1, len(MNI_CLASSES) + 1))
+    dice = {name: round(scores[index], 4) for index, name in enumerate(MNI_CLASSES, start=1)}
     screenshot = out / "screenshot.png"
     if _napari_screenshot(sample, rgb, labels, strokes, screenshot):
         kind = "napari canvas"

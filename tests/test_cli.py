@@ -62,15 +62,11 @@ def test_module_entry_point_runs():
     assert "crossd_resnet18" in result.stdout
 
 
-def _dice(a, b, cls) -> float:
-    return float(2 * ((a == cls) & (b == cls)).sum() / ((a == cls).sum() + (b == cls).sum()))
-
-
 def test_features_finetune_segment_on_nifti_keep_the_grid(mni_crop_files, tmp_path, capsys):
     import nibabel as nib
     import numpy as np
 
-    from napari_crossd.datasets import paint_strokes
+    from napari_crossd.datasets import dice_scores, paint_strokes
 
     t1 = nib.load(mni_crop_files["t1"])
     truth = mni_crop_files["truth"]  # (Z, Y, X) = the NIfTI's (k, j, i)
@@ -105,8 +101,9 @@ def test_features_finetune_segment_on_nifti_keep_the_grid(mni_crop_files, tmp_pa
     labels = np.asarray(seg.dataobj).transpose(2, 1, 0)
     unpainted = np.ones(truth.shape[0], dtype=bool)
     unpainted[np.unique(np.nonzero(strokes)[0])] = False
-    assert _dice(labels[unpainted], truth[unpainted], 1) > 0.9  # background (air)
-    assert _dice(labels[unpainted], truth[unpainted], 3) > 0.8  # grey matter
+    scores = dice_scores(labels[unpainted], truth[unpainted], [1, 3])
+    assert scores[1] > 0.9  # background (air)
+    assert scores[3] > 0.8  # grey matter
     assert np.load(tmp_path / "p.npy").shape == (4, *truth.shape)
 
     # training again from the saved directory continues (warm start)

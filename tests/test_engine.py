@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_crossd import build_model
-from napari_crossd.datasets import paint_strokes
+from napari_crossd.datasets import dice_scores, paint_strokes
 from napari_crossd.engine import (
     Progress,
     Segmenter,
@@ -29,11 +29,6 @@ from napari_crossd.engine import (
 )
 from napari_crossd.engine.normalize import network_input, unit_intensity
 from napari_crossd.engine.pyramid import Pyramid, encode_job, smoothed_copies, spacing_scale
-
-
-def dice(prediction, truth, cls) -> float:
-    a, b = prediction == cls, truth == cls
-    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +204,15 @@ def test_cancel_features_between_tiles(imagenet_3d, brain):
 # --- fine-tuning ---------------------------------------------------------------------------
 
 
+def test_dice_scores(brain):
+    scores = dice_scores(np.array([1, 1, 2, 2]), np.array([1, 2, 2, 2]), [1, 2, 3])
+    assert scores[1] == pytest.approx(2 / 3) and scores[2] == pytest.approx(0.8) and np.isnan(scores[3])
+    truth = brain[1]
+    assert dice_scores(truth, truth, [1, 2, 3, 4]) == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    shifted = dice_scores(np.roll(truth, 1, axis=2), truth, [3])[3]
+    assert 0 < shifted < 1
+
+
 @pytest.fixture(scope="module")
 def strokes(brain):
     return paint_strokes(brain[1], slices=5, strokes_per_class=3, seed=0)
@@ -232,7 +236,7 @@ def test_finetune_on_strokes_segments_unpainted_slices(imagenet_3d, brain, strok
     unpainted = np.ones(image.shape[0], dtype=bool)
     unpainted[np.unique(np.nonzero(strokes)[0])] = False
     for cls in (3, 4):  # grey and white matter; measured 0.93-0.96
-        assert dice(labels[unpainted], truth[unpainted], cls) > 0.85
+        assert dice_scores(labels[unpainted], truth[unpainted], [cls])[cls] > 0.85
 
     # Save and reload: the same predictions.
     written = save_segmenter(segmenter, tmp_path / "model")
@@ -339,7 +343,7 @@ def test_smoothed_grey_values_help_on_noisy_nuclei(nuclei_block):
         segmenter = Segmenter(model, ["background", "nucleus"], levels=[0], smoothing=smoothing)
         summary = finetune(segmenter, image, strokes, spacing=spacing, steps=100, device="cpu")
         labels, _ = segment(segmenter, image, spacing=spacing, device="cpu")
-        scores[smoothing] = (summary["smooth"], dice(labels[unpainted], truth[unpainted], 2))
+        scores[smoothing] = (summary["smooth"], dice_scores(labels[unpainted], truth[unpainted], [2])[2])
     assert scores[()][0] is False and scores[(1.0, 2.0, 4.0)][0] is True, scores
     assert scores[(1.0, 2.0, 4.0)][1] > 0.93 and scores[(1.0, 2.0, 4.0)][1] > scores[()][1] + 0.015, scores
 

@@ -22,16 +22,12 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.env
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)
 
-from napari_crossd.datasets import paint_strokes  # noqa: E402
+from napari_crossd.datasets import dice_scores, paint_strokes  # noqa: E402
 
 PLUGIN = "napari-crossd"
 WAIT_MS = 240_000
 # Dice of each class after 40 steps on the crop's strokes (measured: 0.95, 0.49, 0.78, 0.78).
 DICE_FLOORS = {1: 0.90, 2: 0.30, 3: 0.60, 4: 0.60}
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
 def dock(viewer, name: str):
@@ -153,7 +149,7 @@ def test_workflow_features_finetune_predict_save_reload(
     result = viewer.layers["mni_t1_crop segmentation"]
     assert result.data.shape == (32, 64, 64)
     assert tuple(result.scale) == tuple(image.scale) and tuple(result.translate) == tuple(image.translate)
-    scores = {c: dice(result.data == c, truth == c) for c in range(1, 5)}
+    scores = dice_scores(result.data, truth, range(1, 5))
     print(f"Dice per class: {scores}")
     for c, floor in DICE_FLOORS.items():
         assert scores[c] >= floor, scores

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dice_scores", "fit_logistic_regression", "linear_probe", "sample_labelled"]
+__all__ = ["fit_logistic_regression", "linear_probe", "sample_labelled"]
 
 
 def sample_labelled(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -63,16 +63,6 @@ def fit_logistic_regression(
 
     optimizer.step(closure)
     return weight.detach().float(), bias.detach().float()
-
-
-def dice_scores(prediction: np.ndarray, truth: np.ndarray, classes) -> dict[int, float]:
-    """Dice 2|P n T| / (|P| + |T|) per class (NaN where a class is absent from both)."""
-    scores = {}
-    for cls in classes:
-        p, t = prediction == cls, truth == cls
-        denominator = p.sum() + t.sum()
-        scores[int(cls)] = float(2 * (p & t).sum() / denominator) if denominator else float("nan")
-    return scores
 
 
 def linear_probe(features: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
