@@ -5,7 +5,7 @@ a layer) carries ``metadata["nifti"]``: its data, in (Z, Y, X) canonical order, 
 turned back into the file's own voxel order and saved with the file's own affine, so a
 segmentation overlays the source file voxel for voxel in any NIfTI viewer. Other layers
 get an affine from their ``scale`` and ``translate`` (RAS+, axes (X, Y, Z) = napari's
-reversed).
+reversed). Files appear whole or not at all (:mod:`napari_crossd.io.atomic`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from .io.atomic import atomic_path
 
 __all__ = ["to_source_grid", "write_image", "write_labels", "write_nifti"]
 
@@ -70,8 +72,10 @@ def write_nifti(path: str, data, meta: dict) -> list[str]:
     import nibabel as nib
 
     out = _output_path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(to_source_grid(data, meta), str(out))
+    image = to_source_grid(data, meta)
+    # Saving over an earlier segmentation must not destroy it if the write fails half way.
+    with atomic_path(out) as partial:
+        nib.save(image, str(partial))
     return [str(out)]
 
 

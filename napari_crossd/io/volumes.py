@@ -13,12 +13,13 @@ Convention:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from .atomic import atomic_path
 
 __all__ = ["SUFFIXES", "Volume", "canonical_zyx", "read_volume", "volume_suffix", "write_volume"]
 
@@ -105,11 +106,27 @@ def read_volume(path: str | Path, spacing: tuple[float, float, float] | None = N
     return Volume(data, spacing, path, image)
 
 
+def _nifti_like(data: np.ndarray, like: Volume | None) -> nib.Nifti1Image:
+    """``data`` (Z, Y, X) or (C, Z, Y, X) as a NIfTI image with ``like``'s affine and header, or its spacing."""
+    spatial = data.transpose(2, 1, 0) if data.ndim == 3 else data.transpose(3, 2, 1, 0)
+    if like is None or like.nifti is None:
+        zooms = (like.spacing if like is not None and like.spacing else (1.0, 1.0, 1.0))[::-1]
+        return nib.Nifti1Image(spatial, np.diag([*zooms, 1.0]))
+    header = like.nifti.header.copy()
+    header.set_data_dtype(spatial.dtype)
+    image = nib.Nifti1Image(spatial, like.nifti.affine, header)
+    image.set_qform(like.nifti.get_qform(), int(like.nifti.header["qform_code"]))
+    image.set_sform(like.nifti.get_sform(), int(like.nifti.header["sform_code"]))
+    # Data are written as they are: no scaling inherited from the source image.
+    image.header.set_slope_inter(1.0, 0.0)
+    return image
+
+
 def write_volume(path: str | Path, data: np.ndarray, like: Volume | None = None) -> Path:
     """Write ``data`` ((Z, Y, X) or channels first (C, Z, Y, X)) on the grid of ``like``.
 
-    The file is written beside ``path`` and renamed into place, so a failure never leaves a
-    half-written file or destroys an earlier one.
+    The file appears whole or not at all (:func:`napari_crossd.io.atomic.atomic_path`): a
+    failure never leaves a half-written file or destroys an earlier one.
 
     Returns:
         The path written.
@@ -119,23 +136,9 @@ def write_volume(path: str | Path, data: np.ndarray, like: Volume | None = None)
     data = np.asarray(data)
     if data.ndim not in (3, 4):
         raise ValueError(f"Expected a (Z, Y, X) or (C, Z, Y, X) array to write, got shape {data.shape}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial{suffix}")
-    try:
+    with atomic_path(path) as partial:
         if suffix in (".nii", ".nii.gz"):
-            spatial = data.transpose(2, 1, 0) if data.ndim == 3 else data.transpose(3, 2, 1, 0)
-            if like is not None and like.nifti is not None:
-                header = like.nifti.header.copy()
-                header.set_data_dtype(spatial.dtype)
-                image = nib.Nifti1Image(spatial, like.nifti.affine, header)
-                image.set_qform(like.nifti.get_qform(), int(like.nifti.header["qform_code"]))
-                image.set_sform(like.nifti.get_sform(), int(like.nifti.header["sform_code"]))
-                # Data are written as they are: no scaling inherited from the source image.
-                image.header.set_slope_inter(1.0, 0.0)
-            else:
-                zooms = (like.spacing if like is not None and like.spacing else (1.0, 1.0, 1.0))[::-1]
-                image = nib.Nifti1Image(spatial, np.diag([*zooms, 1.0]))
-            nib.save(image, partial)
+            nib.save(_nifti_like(data, like), partial)
         elif suffix == ".npy":
             with open(partial, "wb") as handle:
                 np.save(handle, data)
@@ -143,7 +146,4 @@ def write_volume(path: str | Path, data: np.ndarray, like: Volume | None = None)
             import tifffile
 
             tifffile.imwrite(partial, data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
