@@ -19,7 +19,21 @@ import numpy as np
 
 from .io.volumes import canonical_zyx
 
-__all__ = ["MNI_CLASSES", "Sample", "dice_scores", "load_mni152", "load_nuclei", "paint_strokes"]
+__all__ = [
+    "HEAD_CT_PATH",
+    "MNI_CLASSES",
+    "NUCLEI_BLOCK",
+    "Sample",
+    "dice_scores",
+    "load_head_ct",
+    "load_mni152",
+    "load_mni152_deep_grey",
+    "load_nuclei",
+    "load_nuclei_foreground",
+    "load_nuclei_parts",
+    "paint_corrections",
+    "paint_strokes",
+]
 
 # Classes of the MNI152 tissue labels, label 1 first.
 MNI_CLASSES = ("background", "other", "grey matter", "white matter")
@@ -44,10 +58,22 @@ def _package_dir(package: str, hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# The MNI152 sample comes with napari-crossd's "samples" extra (nilearn, which ships the template).
+MNI152_INSTALL = 'pip install "napari-crossd[samples]" (or pip install "nilearn>=0.10")'
+
+
 def mni152_path(kind: str = "t1") -> Path:
-    """Path of the MNI152 2009a template file ``kind`` (t1, gm, wm) inside the nilearn package."""
-    root = _package_dir("nilearn", "pip install --no-deps nilearn (its data files are all that is needed)")
-    return root / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+    """Path of the MNI152 2009a template file ``kind`` (t1, gm, wm) inside the nilearn package.
+
+    Raises:
+        ModuleNotFoundError: nilearn is not installed, or too old to ship the file; the
+            message names the command that installs it (the ``samples`` extra).
+    """
+    root = _package_dir("nilearn", MNI152_INSTALL)
+    path = root / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+    if not path.is_file():
+        raise ModuleNotFoundError(f"The MNI152 template is missing ({path}): {MNI152_INSTALL}")
+    return path
 
 
 def load_mni152() -> Sample:
@@ -78,6 +104,156 @@ def load_nuclei() -> Sample:
     return Sample(image, spacing, np.diag([*spacing[::-1], 1.0]), labels, ("nuclei",), {"name": "confocal nuclei"})
 
 
+def load_mni152_deep_grey(depth_mm: float = 20.0) -> Sample:
+    """The MNI152 T1 with grey matter split by depth: the same tissue in different places.
+
+    Labels (every voxel): 1 the rest (background, CSF, white matter), 2 outer grey matter,
+    3 deep grey matter: grey-matter voxels of :func:`load_mni152` more than ``depth_mm``
+    from the brain's outer surface (Euclidean distance to the outside of the hole-filled
+    brain mask ``T1 > 0``). By depth, not anatomy: "deep" holds the basal ganglia and
+    thalamus and also the deepest cortex (insula, cingulate, medial temporal lobe).
+    """
+    from scipy import ndimage
+
+    sample = load_mni152()
+    brain = ndimage.binary_fill_holes(sample.labels > 1)
+    depth = ndimage.distance_transform_edt(brain, sampling=sample.spacing)
+    grey = sample.labels == 3
+    labels = np.ones(grey.shape, dtype=np.uint8)
+    labels[grey] = 2
+    labels[grey & (depth > depth_mm)] = 3
+    names = ("rest", "outer grey matter", "deep grey matter")
+    return Sample(sample.image, sample.spacing, sample.affine, labels, names,
+                  {"name": f"MNI152 2009a T1, grey matter deeper than {depth_mm:g} mm"})
+
+
+# The block of the nuclei sample where labelled = nucleus holds: outside it some bright
+# nuclei carry no label (partial labelling), so Dice is only meaningful inside it.
+NUCLEI_BLOCK = (slice(14, 60), slice(0, 160), slice(0, 160))
+
+
+def load_nuclei_foreground() -> Sample:
+    """The nuclei sample's :data:`NUCLEI_BLOCK` (46 x 160 x 160), where all nuclei are labelled.
+
+    Labels (every voxel): 1 background, 2 nucleus (any instance label).
+    """
+    sample = load_nuclei()
+    labels = np.where(sample.labels[NUCLEI_BLOCK] > 0, 2, 1).astype(np.uint8)
+    return Sample(sample.image[NUCLEI_BLOCK], sample.spacing, sample.affine, labels, ("background", "nucleus"),
+                  {"name": "confocal nuclei, 46 x 160 x 160 block"})
+
+
+def load_nuclei_parts(width: int = 2) -> Sample:
+    """:func:`load_nuclei_foreground` with each nucleus split into boundary and interior.
+
+    Labels (every voxel of :data:`NUCLEI_BLOCK`): 1 background, 2 nucleus boundary (nucleus
+    voxels within ``width`` face-connected steps of a voxel of another label: background
+    or a touching nucleus), 3 nucleus interior (the other nucleus voxels).
+    """
+    from scipy import ndimage
+    from skimage.segmentation import find_boundaries
+
+    sample = load_nuclei()
+    instances = sample.labels[NUCLEI_BLOCK]
+    edge = find_boundaries(instances, mode="inner", connectivity=1)
+    if width > 1:
+        edge = ndimage.binary_dilation(edge, iterations=width - 1)
+    labels = np.where(instances > 0, 3, 1).astype(np.uint8)
+    labels[edge & (instances > 0)] = 2
+    return Sample(sample.image[NUCLEI_BLOCK], sample.spacing, sample.affine, labels,
+                  ("background", "nucleus boundary", "nucleus interior"),
+                  {"name": "confocal nuclei parts, 46 x 160 x 160 block"})
+
+
+HEAD_CT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+
+
+def _inv3_members(path: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The files ``names`` of an InVesalius project (a tar.gz with one folder), read in memory."""
+    import tarfile
+
+    found = {}
+    with tarfile.open(path, "r:gz") as archive:
+        for member in archive.getmembers():
+            name = Path(member.name).name
+            if name in names and member.isfile():
+                found[name] = archive.extractfile(member).read()
+    missing = set(names) - set(found)
+    if missing:
+        raise ValueError(f"{path} is not the expected InVesalius project: {sorted(missing)} missing")
+    return found
+
+
+def load_head_ct(path: str | Path | None = None) -> Sample:
+    """A real head CT (108 x 256 x 256 int16 HU, 1.5 x 0.957 x 0.957 mm) with skull and head holder.
+
+    Read from Debian's ``invesalius-examples`` (``Cranium.inv3``, GPL-2: read, never copied).
+    Labels (every voxel) from the project's bone mask (``mask_0.dat``, a threshold at 226 HU;
+    its first plane, row and column are a header): 1 background (everything else), 2 skull
+    (the largest 26-connected component of the mask, and the small bone fragments), 3 head
+    holder (the other components of at least 1000 voxels: the scanner's thin arcs, outside
+    the head). Both bone classes are bone-bright; where they are tells them apart.
+
+    Raises:
+        FileNotFoundError: the package is not installed (the message gives the command).
+    """
+    import plistlib
+
+    from scipy import ndimage
+
+    path = Path(path) if path is not None else HEAD_CT_PATH
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The head CT {path} is missing: sudo apt-get install invesalius-examples (Debian/Ubuntu)"
+        )
+    files = _inv3_members(path, ("main.plist", "matrix.dat", "mask_0.dat"))
+    main = plistlib.loads(files["main.plist"])
+    shape = tuple(main["matrix"]["shape"])
+    image = np.frombuffer(files["matrix.dat"], dtype=main["matrix"]["dtype"]).reshape(shape).copy()
+    mask = np.frombuffer(files["mask_0.dat"], dtype=np.uint8).reshape(tuple(s + 1 for s in shape))
+    bone = mask[1:, 1:, 1:] > 127
+    components, _ = ndimage.label(bone, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    holder = np.isin(components, np.flatnonzero(sizes >= 1000)) & (components != np.argmax(sizes))
+    labels = np.ones(shape, dtype=np.uint8)
+    labels[bone] = 2
+    labels[holder] = 3
+    spacing = tuple(float(v) for v in main["spacing"][::-1])  # the plist holds x, y, z
+    return Sample(image, spacing, np.diag([*spacing[::-1], 1.0]), labels, ("background", "skull", "head holder"),
+                  {"name": f"head CT ({main.get('name', 'Cranium.inv3')})", "source": str(path)})
+
+
+def _brush(radius: int) -> list[tuple[int, int]]:
+    return [
+        (dy, dx)
+        for dy in range(-radius, radius + 1)
+        for dx in range(-radius, radius + 1)
+        if dy * dy + dx * dx <= radius * radius
+    ]
+
+
+def _walk(mask: np.ndarray, out: np.ndarray, value: int, length: int, brush, rng: np.random.Generator) -> None:
+    """Paint ``value`` into ``out`` (2D) along a random walk that starts at a random voxel of
+    ``mask`` and never leaves it, with the brush clipped to ``mask`` (a careful annotator)."""
+    where = np.argwhere(mask)
+    y, x = where[rng.integers(len(where))]
+    for _ in range(length):
+        for dy, dx in brush:
+            yy, xx = y + dy, x + dx
+            if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx]:
+                out[yy, xx] = value
+        step = rng.integers(-1, 2, size=2)
+        ny, nx = y + step[0], x + step[1]
+        if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx]:
+            y, x = ny, nx
+
+
+def painted_slices(n: int, slices: int, span: tuple[float, float] = (0.1, 0.9)) -> np.ndarray:
+    """The ``slices`` slice indices of :func:`paint_strokes`: evenly spaced over ``span`` of ``n``."""
+    return np.linspace(span[0] * n, span[1] * n, slices).round().astype(int)
+
+
 def paint_strokes(
     truth: np.ndarray,
     slices: int = 5,
@@ -86,6 +262,7 @@ def paint_strokes(
     radius: int = 1,
     seed: int = 0,
     axis: int = 0,
+    span: tuple[float, float] = (0.1, 0.9),
 ) -> np.ndarray:
     """Simulate a user's scribbles: a few short strokes per class on a few slices.
 
@@ -93,11 +270,12 @@ def paint_strokes(
     with a disc brush of ``radius`` and kept inside that class (a careful annotator).
 
     Args:
-        truth: (Z, Y, X) ground truth, classes 1..N at every voxel.
-        slices: number of slices along ``axis``, evenly spaced over the middle 80 %.
+        truth: (Z, Y, X) ground truth, classes 1..N (0: not evaluated, never painted).
+        slices: number of slices along ``axis``, evenly spaced over ``span``.
         strokes_per_class, length, radius: stroke count, length and brush.
         seed: makes the strokes reproducible.
         axis: the slicing axis (0: axial for :func:`load_mni152`).
+        span: first and last painted slice as fractions of the axis (default: the middle 80 %).
 
     Returns:
         (Z, Y, X) uint8 labels, 0 where nothing was painted.
@@ -105,32 +283,51 @@ def paint_strokes(
     rng = np.random.default_rng(seed)
     truth = np.moveaxis(np.asarray(truth), axis, 0)
     strokes = np.zeros_like(truth, dtype=np.uint8)
-    n = truth.shape[0]
-    chosen = np.linspace(0.1 * n, 0.9 * n, slices).round().astype(int)
-    brush = [
-        (dy, dx)
-        for dy in range(-radius, radius + 1)
-        for dx in range(-radius, radius + 1)
-        if dy * dy + dx * dx <= radius * radius
-    ]
-    for z in chosen:
+    brush = _brush(radius)
+    for z in painted_slices(truth.shape[0], slices, span):
         plane = truth[z]
         for cls in np.unique(plane):
             if cls == 0:
                 continue
-            mask = plane == cls
-            where = np.argwhere(mask)
             for _ in range(strokes_per_class):
-                y, x = where[rng.integers(len(where))]
-                for _ in range(length):
-                    for dy, dx in brush:
-                        yy, xx = y + dy, x + dx
-                        if 0 <= yy < plane.shape[0] and 0 <= xx < plane.shape[1] and mask[yy, xx]:
-                            strokes[z, yy, xx] = cls
-                    step = rng.integers(-1, 2, size=2)
-                    ny, nx = y + step[0], x + step[1]
-                    if 0 <= ny < plane.shape[0] and 0 <= nx < plane.shape[1] and mask[ny, nx]:
-                        y, x = ny, nx
+                _walk(plane == cls, strokes[z], cls, length, brush, rng)
+    return np.moveaxis(strokes, 0, axis)
+
+
+def paint_corrections(
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    painted: np.ndarray,
+    worst: int = 2,
+    strokes_per_class: int = 3,
+    length: int = 12,
+    radius: int = 1,
+    seed: int = 0,
+    axis: int = 0,
+) -> np.ndarray:
+    """Simulate a user's second round: short strokes where the first prediction is wrong.
+
+    The ``worst`` slices along ``axis`` without strokes in ``painted`` that hold the most
+    misclassified voxels (where ``truth`` > 0) each get ``strokes_per_class`` strokes of
+    every class that is mispredicted there, each stroke with the true class and kept inside
+    the misclassified voxels of that class (:func:`paint_strokes`'s walk and brush).
+
+    Returns:
+        (Z, Y, X) uint8 corrective strokes, 0 elsewhere.
+    """
+    rng = np.random.default_rng(seed)
+    truth, prediction, painted = (np.moveaxis(np.asarray(a), axis, 0) for a in (truth, prediction, painted))
+    wrong = (truth > 0) & (prediction != truth)
+    errors = wrong.sum(axis=(1, 2)).astype(float)
+    errors[(painted > 0).any(axis=(1, 2))] = -1  # the user corrects slices they have not painted yet
+    strokes = np.zeros_like(truth, dtype=np.uint8)
+    brush = _brush(radius)
+    for z in np.argsort(-errors, kind="stable")[:worst]:
+        if errors[z] <= 0:
+            continue
+        for cls in np.unique(truth[z][wrong[z]]):
+            for _ in range(strokes_per_class):
+                _walk(wrong[z] & (truth[z] == cls), strokes[z], cls, length, brush, rng)
     return np.moveaxis(strokes, 0, axis)
 
 

@@ -45,6 +45,14 @@ if (( testing )) && [[ ! -d /usr/share/datasets/fashion-mnist ]] && [[ $(id -u) 
         || echo "dataset-fashion-mnist is not available from apt here; its tests will be skipped" >&2
 fi
 
+# A real head CT (Debian's invesalius-examples, GPL-2: read at test time, never copied into
+# the repo): napari_crossd.datasets.load_head_ct, its tests and the strokes benchmark.
+if (( testing )) && [[ ! -f /usr/share/doc/invesalius-examples/examples/Cranium.inv3 ]] && [[ $(id -u) == 0 ]] \
+        && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq invesalius-examples; } \
+        || echo "invesalius-examples is not available from apt here; the head CT tests will be skipped" >&2
+fi
+
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
