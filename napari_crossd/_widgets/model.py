@@ -15,28 +15,25 @@ __all__ = ["ModelWidget", "load_job"]
 def load_job(checkpoint: str, arch: str, strategy: str, official_shift: str = "keep"):
     """Generator: load a checkpoint, inflate it, describe it. Returns (model2d, model3d, info)."""
     from napari_crossd.engine import Progress, prepare_model
-    from napari_crossd.io import load_model
+    from napari_crossd.io.checkpoints import load_model_with_report
 
     source = checkpoint or "default"
     yield Progress(0, 3, f"reading {Path(source).name if source != 'default' else 'default weights'}")
     try:
-        loaded = load_model(source, arch=arch)
+        loaded, report = load_model_with_report(source, arch=arch)
     except ValueError as err:
         raise ValueError(f"{Path(source).name}: {err}") from None
     meta = dict(loaded.crossd_meta)
     three_d = meta.get("spatial_dims") == 3
     yield Progress(1, 3, "already 3D" if three_d else f"inflating ({strategy})")
     model3d = prepare_model(loaded, strategy=strategy, official_shift=official_shift)
-    keys = len(loaded.state_dict())
     info = {
         "source": "default (napari-crossd Cross-D MobileNetV2)" if source == "default" else str(source),
         "arch": meta.get("arch"),
         "format": meta.get("format"),
         "parameters": sum(p.numel() for p in model3d.parameters()),
         "strategy": model3d.crossd_meta.get("strategy", strategy),
-        "keys": keys,
-        "missing": 0,
-        "unexpected": 0,
+        "loading": report.summary(),
         "normalization": (meta.get("normalization") or {}).get("name"),
     }
     yield Progress(3, 3, "ready")
@@ -47,8 +44,7 @@ def describe(info: dict) -> str:
     return (
         f"{info['arch']} ({info['format']} weights) from {info['source']}\n"
         f"{info['parameters']:,} parameters in 3D, strategy {info['strategy']}\n"
-        f"{info['keys']} tensors loaded: {info['missing']} missing, {info['unexpected']} unexpected; "
-        f"input normalisation {info['normalization']}"
+        f"{info['loading']}; input normalisation {info['normalization']}"
     )
 
 

@@ -15,6 +15,7 @@ import json
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
@@ -22,6 +23,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from napari_crossd.models.crossd import convert_to_crossd
 from napari_crossd.models.registry import (
     ARCHITECTURES,
     CROSSD_PREFIX,
@@ -31,16 +33,19 @@ from napari_crossd.models.registry import (
     head_name,
 )
 
-from .detect import detect_architecture, diff_state_dict, match_architecture
+from .atomic import atomic_path
+from .detect import OFFICIAL_EXTRA_WORDS, detect_architecture, diff_state_dict, match_architecture
 
 __all__ = [
     "SAFE_GLOBALS",
     "TORCH_SUFFIXES",
+    "LoadReport",
     "UnsafeCheckpointError",
     "default_checkpoint",
     "extract_state_dict",
     "imagenet_checkpoint",
     "load_model",
+    "load_model_with_report",
     "load_state_dict_file",
     "named_checkpoint",
     "save_model",
@@ -263,14 +268,48 @@ def _read_saved_meta(path: Path) -> dict | None:
     return json.loads(header) if header else None
 
 
-def _load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+@dataclass(frozen=True)
+class LoadReport:
+    """Which tensors :func:`load_model_with_report` copied (as MONAI's ``copy_model_state`` reports).
+
+    Attributes:
+        loaded: model keys whose values came from the file.
+        missing: model keys the file lacks, left at the model's own values. Only
+            BatchNorm's step counter ``num_batches_tracked`` can be missing (old
+            torchvision files predate it); any other gap refuses the file.
+        ignored: file keys that were not loaded: tensors that official Cross-D checkpoints
+            may hold and the official evaluation drops (:data:`OFFICIAL_EXTRA_WORDS`), and
+            step counters of layers the model does not have.
+    """
+
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...]
+    ignored: tuple[str, ...]
+
+    def summary(self, show: int = 3) -> str:
+        """One line: the counts, and the first ``show`` ignored keys when there are any."""
+        text = f"{len(self.loaded)} tensors loaded: {len(self.missing)} missing, {len(self.ignored)} unexpected"
+        if self.ignored:
+            more = f" and {len(self.ignored) - show} more" if len(self.ignored) > show else ""
+            text += f" (ignored: {', '.join(self.ignored[:show])}{more})"
+        return text
+
+
+def _load_exact(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, extra_words: tuple[str, ...]
+) -> LoadReport:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    diff = diff_state_dict(state_dict, expected)
+    diff = diff_state_dict(state_dict, expected, extra_words=extra_words)
     if not diff.exact:
         raise ValueError(f"{source} does not fit {model.crossd_meta['arch']}: {diff.describe()}.")
-    # Old BatchNorm checkpoints lack num_batches_tracked (filled in by BatchNorm); drop
-    # any the model does not have so that strict loading only sees real parameters.
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=True)
+    # Strict loading of what the model has: BatchNorm fills in a missing step counter.
+    loaded = {k: v for k, v in state_dict.items() if k in expected}
+    model.load_state_dict(loaded, strict=True)
+    return LoadReport(
+        loaded=tuple(loaded),
+        missing=tuple(k for k in expected if k not in loaded),
+        ignored=tuple(k for k in state_dict if k not in expected),
+    )
 
 
 def _num_classes(state_dict: Mapping[str, torch.Tensor], arch: str, source: str) -> int:
@@ -287,6 +326,7 @@ def load_model(path: str | Path, arch: str = "auto", **kwargs) -> nn.Module:
     checkpoints (``weights_3d`` kernels, loaded in ``rotation_mode="reference"`` so they
     compute what their authors trained) and everything :func:`save_model` wrote,
     including inflated 3D networks, which are re-inflated with the saved strategy.
+    :func:`load_model_with_report` does the same and also says which tensors it copied.
 
     Args:
         path: checkpoint file (see :func:`load_state_dict_file`), ``"default"`` for
@@ -307,11 +347,48 @@ def load_model(path: str | Path, arch: str = "auto", **kwargs) -> nn.Module:
         ValueError: the weights fit no known architecture (the message names the closest
             one with its missing/unexpected keys), or do not fit the requested ``arch``.
     """
+    return load_model_with_report(path, arch, **kwargs)[0]
+
+
+def load_model_with_report(path: str | Path, arch: str = "auto", **kwargs) -> tuple[nn.Module, LoadReport]:
+    """:func:`load_model`, plus the :class:`LoadReport` of what was and was not copied.
+
+    Official Cross-D checkpoints come in the official code's layout (every convolution
+    Cross-D, 1x1 shortcuts included), recorded as ``crossd_meta["crossd_pointwise"] =
+    True``, and may hold tensors that the official evaluation drops
+    (:data:`OFFICIAL_EXTRA_WORDS`): those are left out and listed in ``ignored``.
+
+    Returns:
+        ``(model, report)``; arguments and errors as :func:`load_model`.
+    """
     path = named_checkpoint(path)
     source = str(path)
     state_dict = load_state_dict_file(path)
-    saved = _read_saved_meta(path)
+    meta, options = _describe_checkpoint(path, state_dict, arch)
+    options.update(kwargs)
 
+    model = build_model(meta["arch"], _num_classes(state_dict, meta["arch"], source), **options)
+    if meta.get("crossd_pointwise"):
+        convert_to_crossd(model, model.crossd_meta["rotation"], model.crossd_meta["rotation_mode"], pointwise=True)
+    if meta.get("spatial_dims") == 3:
+        # Lazy import: inflation is only needed for checkpoints of inflated networks.
+        from napari_crossd.models.inflate import inflate
+
+        inflation = ("strategy", "official_shift", "depth_preserving_stages")
+        model = inflate(model, **{k: meta[k] for k in inflation if k in meta})
+    official = meta["format"] == "crossd_official"
+    report = _load_exact(model, state_dict, source, OFFICIAL_EXTRA_WORDS if official else ())
+
+    if "normalization" not in meta:
+        meta["normalization"] = dict(RADIMAGENET_NORMALIZATION if official else IMAGENET_NORMALIZATION)
+    model.crossd_meta = {**model.crossd_meta, **meta, **options}
+    return model.eval(), report
+
+
+def _describe_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], arch: str) -> tuple[dict, dict]:
+    """The metadata of a checkpoint (saved by us, else detected) and its build options."""
+    source = str(path)
+    saved = _read_saved_meta(path)
     if saved is not None:
         meta = dict(saved)
         if meta.get("arch") not in ARCHITECTURES:
@@ -334,22 +411,9 @@ def load_model(path: str | Path, arch: str = "auto", **kwargs) -> nn.Module:
             # Outside this project, weights_3d checkpoints come from the official code.
             meta["format"] = "crossd_official"
             options = {"rotation": match.rotation, "rotation_mode": "reference"}
-    options.update(kwargs)
-
-    model = build_model(meta["arch"], _num_classes(state_dict, meta["arch"], source), **options)
-    if meta.get("spatial_dims") == 3:
-        # Lazy import: inflation is only needed for checkpoints of inflated networks.
-        from napari_crossd.models.inflate import inflate
-
-        inflation = ("strategy", "official_shift", "depth_preserving_stages")
-        model = inflate(model, **{k: meta[k] for k in inflation if k in meta})
-    _load_exact(model, state_dict, source)
-
-    if "normalization" not in meta:
-        official = meta["format"] == "crossd_official"
-        meta["normalization"] = dict(RADIMAGENET_NORMALIZATION if official else IMAGENET_NORMALIZATION)
-    model.crossd_meta = {**model.crossd_meta, **meta, **options}
-    return model.eval()
+            if match.pointwise:
+                meta["crossd_pointwise"] = True
+    return meta, options
 
 
 def save_model(
@@ -408,18 +472,10 @@ def save_model(
     except TypeError as err:
         raise ValueError(f"model.crossd_meta is not JSON-serialisable: {err}") from None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = _sidecar(path)
-    # Written beside the targets and renamed into place: a failed save leaves an earlier
-    # model at the same path whole.
-    partial = [target.with_name(f".{target.name}.partial") for target in (path, sidecar)]
-    try:
-        # Bytes written from Python: the file gets the usual permissions (save_file makes 0600).
-        partial[0].write_bytes(safetensors.torch.save(state, metadata={"napari_crossd": text}))
-        partial[1].write_text(text + "\n")
-        for temporary, target in zip(partial, (path, sidecar), strict=True):
-            temporary.replace(target)
-    finally:
-        for temporary in partial:
-            temporary.unlink(missing_ok=True)
+    # Both files are renamed into place only once both are written: a failed save leaves
+    # an earlier model at the same path whole.
+    with atomic_path(path) as weights_partial, atomic_path(sidecar) as sidecar_partial:
+        weights_partial.write_bytes(safetensors.torch.save(state, metadata={"napari_crossd": text}))
+        sidecar_partial.write_text(text + "\n")
     return [path, sidecar]

@@ -3,7 +3,11 @@
 Every candidate in :data:`napari_crossd.models.ARCHITECTURES` is built once on the
 ``meta`` device (no memory, no initialisation cost) to obtain its key -> shape table;
 a checkpoint matches when its tensors and the table agree exactly, apart from the
-number of classes in the head.
+number of classes in the head. A Cross-D architecture has two layouts: this project's
+(1x1 convolutions plain) and the official code's (every convolution Cross-D, see
+:mod:`napari_crossd.models.crossd`); both are tried. Official checkpoints may also hold
+tensors that the official evaluation drops before loading (:data:`OFFICIAL_EXTRA_WORDS`):
+those are set aside as ``ignored``, not counted against a match.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from functools import cache
 
 import torch
 
+from napari_crossd.models.crossd import convert_to_crossd
 from napari_crossd.models.registry import ARCHITECTURES, CROSSD_PREFIX, build_model, head_name
 
 __all__ = [
+    "OFFICIAL_EXTRA_WORDS",
     "ArchMatch",
     "KeyDiff",
     "detect_architecture",
@@ -29,6 +35,11 @@ __all__ = [
 # lack it and BatchNorm fills it in on load, so it never decides a match.
 _IGNORED_SUFFIX = "num_batches_tracked"
 _SHOW = 5  # how many keys of each kind an error message lists
+# The official evaluation scripts (_eval/_weak_probing/weak_training_mri.py in
+# convergedmachine/Cross-D-Conv) load Cross-D checkpoints with strict=False after dropping
+# every key containing one of these words: released checkpoints may hold such tensors
+# (from variants with dilated branches or learned angles) that no model here has.
+OFFICIAL_EXTRA_WORDS = ("rotation", "angle", "dilated_conv", "bn_dilated")
 
 
 @dataclass
@@ -40,16 +51,19 @@ class KeyDiff:
         missing: keys the model expects that the state dict lacks.
         unexpected: keys in the state dict that the model does not have.
         mismatched: ``(key, checkpoint shape, expected shape)`` for keys in both.
+        ignored: keys in the state dict that the model does not have but that are known
+            extras (see :func:`diff_state_dict`); they do not spoil an exact match.
     """
 
     matched: int = 0
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
-        """True when the state dict loads strictly."""
+        """True when the state dict loads strictly once the ignored keys are left out."""
         return not (self.missing or self.unexpected or self.mismatched)
 
     @property
@@ -83,12 +97,14 @@ class ArchMatch:
         num_classes: head width read from the state dict (``None`` if the head is absent).
         rotation: Cross-D rotation type for ``crossd_*`` architectures, else ``None``.
         diff: the key/shape comparison.
+        pointwise: the official layout, 1x1 convolutions Cross-D too (``crossd_*`` only).
     """
 
     arch: str
     num_classes: int | None
     rotation: str | None
     diff: KeyDiff
+    pointwise: bool = False
 
 
 def detect_rotation(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -109,6 +125,7 @@ def diff_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     expected: Mapping[str, tuple[int, ...]],
     head: str | None = None,
+    extra_words: tuple[str, ...] = (),
 ) -> KeyDiff:
     """Compare a state dict with expected key -> shape pairs.
 
@@ -117,9 +134,12 @@ def diff_state_dict(
         expected: key -> shape of the model they should load into.
         head: dotted name of the classification head; its leading (class) dimension
             is not compared, so that any ``num_classes`` matches.
+        extra_words: a state-dict key the model lacks that contains one of these words is
+            ``ignored`` rather than ``unexpected`` (e.g. :data:`OFFICIAL_EXTRA_WORDS`).
 
     Returns:
-        The :class:`KeyDiff`; ``num_batches_tracked`` keys are ignored on both sides.
+        The :class:`KeyDiff`; ``num_batches_tracked`` keys are left out of the comparison
+        on both sides (the model's own are filled in by BatchNorm, surplus ones ignored).
     """
     head_keys = {f"{head}.weight", f"{head}.bias"} if head else set()
     diff = KeyDiff()
@@ -135,15 +155,23 @@ def diff_state_dict(
             diff.matched += 1
         else:
             diff.mismatched.append((key, got, tuple(shape)))
-    diff.unexpected = [k for k in state_dict if k not in expected and not k.endswith(_IGNORED_SUFFIX)]
+    for key in state_dict:
+        if key in expected:
+            continue
+        if any(word in key for word in extra_words):
+            diff.ignored.append(key)
+        elif not key.endswith(_IGNORED_SUFFIX):
+            diff.unexpected.append(key)
     return diff
 
 
 @cache
-def _expected_shapes(arch: str, rotation: str | None) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(arch: str, rotation: str | None, pointwise: bool = False) -> dict[str, tuple[int, ...]]:
     # The meta device allocates nothing, so even ResNet-50 builds in milliseconds.
     with torch.device("meta"):
         model = build_model(arch, rotation=rotation) if rotation else build_model(arch)
+        if pointwise:
+            convert_to_crossd(model, rotation, pointwise=True)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -155,21 +183,30 @@ def match_architecture(state_dict: Mapping[str, torch.Tensor], arch: str) -> Arc
         arch: a name from :data:`napari_crossd.models.ARCHITECTURES`.
 
     Returns:
-        The :class:`ArchMatch`; for ``crossd_*`` the rotation type is read from the keys.
+        The :class:`ArchMatch`; for ``crossd_*`` the rotation type is read from the keys,
+        both layouts are compared (the closer one is returned) and
+        :data:`OFFICIAL_EXTRA_WORDS` keys are ignored.
     """
-    rotation = detect_rotation(state_dict) if arch.startswith(CROSSD_PREFIX) else None
     head = head_name(arch)
-    diff = diff_state_dict(state_dict, _expected_shapes(arch, rotation), head)
     head_weight = state_dict.get(f"{head}.weight")
     num_classes = int(head_weight.shape[0]) if head_weight is not None else None
-    return ArchMatch(arch, num_classes, rotation, diff)
+    if not arch.startswith(CROSSD_PREFIX):
+        return ArchMatch(arch, num_classes, None, diff_state_dict(state_dict, _expected_shapes(arch, None), head))
+    rotation = detect_rotation(state_dict)
+    layouts = []
+    for pointwise in (False, True):
+        expected = _expected_shapes(arch, rotation, pointwise)
+        diff = diff_state_dict(state_dict, expected, head, OFFICIAL_EXTRA_WORDS)
+        layouts.append(ArchMatch(arch, num_classes, rotation, diff, pointwise))
+    return max(layouts, key=lambda m: m.diff.score)
 
 
 def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> ArchMatch:
     """Find the registered architecture whose parameters a state dict holds exactly.
 
-    Cross-D checkpoints are recognised by their ``weights_3d`` kernels, the rotation type
-    by ``rotation_params`` / ``rotation_vector``, and ``num_classes`` by the head shape.
+    Cross-D checkpoints are recognised by their ``weights_3d`` kernels (with 1x1 layers
+    plain or Cross-D), the rotation type by ``rotation_params`` / ``rotation_vector``, and
+    ``num_classes`` by the head shape.
 
     Args:
         state_dict: flat key -> tensor mapping (prefixes already stripped).

@@ -2,8 +2,12 @@
 
 Every ``nn.Conv2d`` with a kernel larger than 1x1 becomes a
 :class:`napari_crossd.core.CrossDConv` with the same geometry. 1x1 convolutions stay
-``nn.Conv2d``: a 1x1x1 kernel has nothing to rotate, and the official Cross-D ResNet-18
-checkpoints keep them that way (``layerN.0.downsample.0.weight``).
+``nn.Conv2d`` by default: a 1x1x1 kernel is its own rotation about its centre, so a
+Cross-D 1x1 layer computes a plain 1x1 convolution and its rotation head is dead weight.
+The official code (``replace_conv_layers`` in github convergedmachine/Cross-D-Conv)
+converts them nevertheless, so official checkpoints hold Cross-D shortcut projections
+(``layer2.0.downsample.0.weights_3d`` of shape (128, 64, 1, 1, 1) with its own
+``rotation_params``); ``pointwise=True`` builds that form to load them.
 """
 
 from __future__ import annotations
@@ -48,22 +52,33 @@ def crossd_from_conv2d(conv: nn.Conv2d, rotation: str = "dynamic", rotation_mode
     )
 
 
-def convert_to_crossd(model: nn.Module, rotation: str = "dynamic", rotation_mode: str = "fourier") -> nn.Module:
+def convert_to_crossd(
+    model: nn.Module, rotation: str = "dynamic", rotation_mode: str = "fourier", *, pointwise: bool = False
+) -> nn.Module:
     """Replace, in place, every ``nn.Conv2d`` with kernel size > 1 by a :class:`CrossDConv`.
 
     Args:
-        model: any module; existing CrossDConv layers are left alone.
+        model: any module; existing CrossDConv layers (and their rotation heads) are left
+            alone, so a converted model can be converted again with ``pointwise=True``.
         rotation: rotation type of the new layers (see :func:`crossd_from_conv2d`).
         rotation_mode: rotation computation of the new layers.
+        pointwise: convert 1x1 convolutions too, as the official code does (the layout of
+            official checkpoints; see the module docstring).
 
     Returns:
         ``model`` itself, for chaining.
+
+    Example:
+        >>> from napari_crossd.models.resnet import resnet18
+        >>> net = convert_to_crossd(resnet18(), rotation_mode="reference", pointwise=True)
+        >>> tuple(net.layer2[0].downsample[0].weights_3d.shape)
+        (128, 64, 1, 1, 1)
     """
     for name, child in model.named_children():
         if isinstance(child, CrossDConv):
             continue
-        if isinstance(child, nn.Conv2d) and max(child.kernel_size) > 1:
+        if isinstance(child, nn.Conv2d) and (pointwise or max(child.kernel_size) > 1):
             setattr(model, name, crossd_from_conv2d(child, rotation, rotation_mode))
         else:
-            convert_to_crossd(child, rotation, rotation_mode)
+            convert_to_crossd(child, rotation, rotation_mode, pointwise=pointwise)
     return model
