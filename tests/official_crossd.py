@@ -56,7 +56,7 @@ class OfficialCrossDConv(nn.Module):
 
     def get_rotation_params(self, x):
         rot_map = self.rotation_params(x)
-        B = x.size(0)  # noqa: N806  (undefined in the stored official code)
+        B = x.size(0)  # undefined in the stored official code
         spatial_weights = F.softmax(rot_map.view(B, 4, -1), dim=-1)
         rot_vec = (rot_map.view(B, 4, -1) * spatial_weights).sum(dim=-1)
         k = rot_vec[:, 0:3]
@@ -68,14 +68,14 @@ class OfficialCrossDConv(nn.Module):
     def approximate_rotation_matrix(self, k, angle):
         batch_size = k.size(0)
         kx, ky, kz = k[:, 0], k[:, 1], k[:, 2]
-        K = torch.zeros(batch_size, 3, 3, device=k.device)  # noqa: N806
+        K = torch.zeros(batch_size, 3, 3, device=k.device)
         K[:, 0, 1] = -kz
         K[:, 0, 2] = ky
         K[:, 1, 0] = kz
         K[:, 1, 2] = -kx
         K[:, 2, 0] = -ky
         K[:, 2, 1] = kx
-        I = torch.eye(3, device=k.device).unsqueeze(0).expand(batch_size, 3, 3)  # noqa: N806, E741
+        I = torch.eye(3, device=k.device).unsqueeze(0).expand(batch_size, 3, 3)  # noqa: E741
         return I + angle.view(batch_size, 1, 1) * K
 
     def rotate_weights_fft(self, k, angle):
@@ -87,7 +87,7 @@ class OfficialCrossDConv(nn.Module):
         fx = fx.unsqueeze(0).expand(batch_size, -1, -1, -1)
         fy = fy.unsqueeze(0).expand(batch_size, -1, -1, -1)
         fz = fz.unsqueeze(0).expand(batch_size, -1, -1, -1)
-        R = self.approximate_rotation_matrix(k, angle)  # noqa: N806
+        R = self.approximate_rotation_matrix(k, angle)
         r = [[R[:, i, j].view(batch_size, 1, 1, 1) for j in range(3)] for i in range(3)]
         f_prime_x = fx * r[0][0] + fy * r[0][1] + fz * r[0][2]
         f_prime_y = fx * r[1][0] + fy * r[1][1] + fz * r[1][2]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from official_crossd import OFFICIAL_DROPPED_WORDS, OFFICIAL_RESNETS, official_checkpoint, official_crossd_resnet
 from skimage import data
 
 from napari_crossd.io import (
@@ -24,7 +25,10 @@ from napari_crossd.io import (
     save_model,
     strip_prefixes,
 )
+from napari_crossd.io.checkpoints import load_model_with_report
+from napari_crossd.io.detect import OFFICIAL_EXTRA_WORDS
 from napari_crossd.models import build_model
+from napari_crossd.models.inflate import inflate
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -162,6 +166,129 @@ def test_official_crossd_checkpoint_loads_with_weights_only(tmp_path):
         torch.testing.assert_close(model(x), source.eval()(x))
 
 
+def _trained_official_resnet(arch: str, num_classes: int) -> torch.nn.Module:
+    """An official Cross-D ResNet whose BatchNorm statistics moved (in the rotation heads too)."""
+    torch.manual_seed(0)
+    model = official_crossd_resnet(arch, num_classes)
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+def test_official_crossd_resnet18_has_the_layout_the_issue_describes():
+    state = official_crossd_resnet("crossd_resnet18").state_dict()
+    assert len(state) == 302
+    assert tuple(state["layer2.0.downsample.0.weights_3d"].shape) == (128, 64, 1, 1, 1)
+    assert tuple(state["layer2.0.downsample.0.rotation_params.0.weight"].shape) == (16, 64, 1, 1)
+
+
+@pytest.mark.parametrize("arch", list(OFFICIAL_RESNETS))
+def test_official_layout_is_detected_for_every_resnet_depth(arch):
+    with torch.device("meta"):
+        state = official_crossd_resnet(arch, num_classes=5).state_dict()
+    match = detect_architecture(state)
+    assert (match.arch, match.num_classes, match.rotation, match.pointwise) == (arch, 5, "dynamic", True)
+    assert match.diff.exact and not match.diff.ignored
+
+
+def test_official_resnet18_checkpoint_loads_and_computes_the_official_network(tmp_path):
+    official = _trained_official_resnet("crossd_resnet18", num_classes=7)
+    path = tmp_path / "CrossDConvR18.pth"
+    torch.save(official_checkpoint(official), path)
+
+    model, report = load_model_with_report(path)
+    meta = model.crossd_meta
+    assert (meta["arch"], meta["format"], meta["crossd_pointwise"]) == ("crossd_resnet18", "crossd_official", True)
+    assert (meta["rotation"], meta["rotation_mode"], meta["num_classes"]) == ("dynamic", "reference", 7)
+    assert (len(report.loaded), report.missing, report.ignored) == (302, (), ())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official(x))
+
+
+@pytest.mark.parametrize("arch", ["crossd_resnet34", "crossd_resnet50"])
+def test_official_deeper_resnet_checkpoints_load_every_tensor(arch, tmp_path):
+    official = official_crossd_resnet(arch, num_classes=3)
+    path = tmp_path / "official.pth"
+    torch.save(official_checkpoint(official), path)
+    model, report = load_model_with_report(path)
+    assert model.crossd_meta["arch"] == arch
+    assert report.loaded == tuple(official.state_dict())
+    for key, value in official.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_tensors_the_official_evaluation_drops_are_ignored_and_reported(tmp_path):
+    assert OFFICIAL_EXTRA_WORDS == OFFICIAL_DROPPED_WORDS
+    official = _trained_official_resnet("crossd_resnet18", num_classes=2)
+    extras = {
+        "layer1.0.dilated_conv.weight": torch.randn(64, 64, 3, 3),
+        "layer1.0.bn_dilated.running_mean": torch.zeros(64),
+        "layer1.0.bn_dilated.num_batches_tracked": torch.tensor(3),
+        "conv1.angle": torch.zeros(1),
+        "layer4.1.conv2.rotation_axis": torch.zeros(3),
+    }
+    path = tmp_path / "released.pth"
+    torch.save(official_checkpoint(official, extras), path)
+
+    model, report = load_model_with_report(path)
+    assert sorted(report.ignored) == sorted(extras)
+    assert len(report.loaded) == 302 and not report.missing
+    assert "302 tensors loaded: 0 missing, 5 unexpected (ignored: layer1.0.dilated_conv.weight" in report.summary()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official(x))
+
+    # Words the official evaluation does not drop still refuse the file.
+    torch.save(official_checkpoint(official, {"decoder.0.weight": torch.zeros(1)}), path)
+    with pytest.raises(ValueError, match=r"1 unexpected key\(s\): decoder\.0\.weight"):
+        load_model(path)
+
+
+def test_official_checkpoint_inflates_as_the_official_3d_pipeline_loads_it(tmp_path):
+    # The official evaluation builds torchvision's resnet18, converts it to Conv3d and loads
+    # the checkpoint after dropping rotation keys and renaming weights_3d to weight: every
+    # Cross-D layer, the 1x1 shortcuts included, is its U as a Conv3d kernel.
+    official = _trained_official_resnet("crossd_resnet18", num_classes=2)
+    path = tmp_path / "official.pth"
+    torch.save(official_checkpoint(official), path)
+    model3d = inflate(load_model(path), "i3d")
+    shortcut = model3d.layer2[0].downsample[0]
+    assert isinstance(shortcut, torch.nn.Conv3d) and shortcut.kernel_size == (1, 1, 1)
+    assert shortcut.stride == (2, 2, 2) and shortcut.padding == (0, 0, 0)
+    expected = {
+        key.replace(".weights_3d", ".weight"): value
+        for key, value in official.state_dict().items()
+        if not any(word in key for word in OFFICIAL_DROPPED_WORDS)
+    }
+    state3d = model3d.state_dict()
+    assert state3d.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state3d[key], value), key
+    assert model3d(torch.randn(1, 3, 8, 32, 32)).shape == (1, 2)
+
+
+def test_official_layout_round_trips_through_save_model(tmp_path):
+    official = _trained_official_resnet("crossd_resnet18", num_classes=2)
+    torch.save(official_checkpoint(official), tmp_path / "official.pth")
+    weights, sidecar = save_model(load_model(tmp_path / "official.pth"), tmp_path / "ours.safetensors")
+    assert json.loads(sidecar.read_text())["crossd_pointwise"] is True
+    reloaded = load_model(weights)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), official(x))
+
+
+def test_load_report_names_what_was_not_copied(tmp_path):
+    source = build_model("resnet18").state_dict()
+    path = tmp_path / "old.pth"
+    torch.save({k: v for k, v in source.items() if "num_batches_tracked" not in k}, path)
+    _, report = load_model_with_report(path)
+    assert len(report.missing) == 20 and all(k.endswith("num_batches_tracked") for k in report.missing)
+    assert len(report.loaded) == len(source) - 20 and not report.ignored
+    assert report.summary() == f"{len(source) - 20} tensors loaded: 20 missing, 0 unexpected"
+
+
 def test_unknown_network_names_missing_unexpected_keys_and_closest(tmp_path):
     state = {k: v for k, v in build_model("resnet18").state_dict().items() if "layer4" not in k}
     state |= {"decoder.0.weight": torch.zeros(8, 8, 3, 3), "decoder.0.bias": torch.zeros(8)}
@@ -214,7 +341,6 @@ def test_crossd_model_round_trips_with_settings_and_class_names(tmp_path):
     ],
 )
 def test_inflated_model_round_trips(arch, options, tmp_path):
-    inflate = pytest.importorskip("napari_crossd.models.inflate").inflate
     rotation = {"rotation_mode": "reference"} if arch.startswith("crossd_") else {}
     source = inflate(build_model(arch, num_classes=2, **rotation), **options).eval()
     weights, sidecar = save_model(source, tmp_path / "net3d.safetensors")
