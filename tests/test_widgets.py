@@ -282,7 +282,13 @@ def test_inspector_layers(qtbot, viewer_with_crop, crossd_mobilenet_checkpoint, 
     inspector = dock(viewer, "Inspector (kernels, rotations, phase)")
     assert inspector.layer.value == "features.0.0"
     assert not any(layer.name.startswith("Cross-D") for layer in viewer.layers)  # nothing until asked
+
+    def kernels_shown():  # kernels are computed in a worker
+        qtbot.waitUntil(lambda: not inspector.kernel_jobs.busy, timeout=WAIT_MS)
+        assert inspector.kernel_jobs.runner.last_status == "done", inspector.kernel_jobs.runner.last_error
+
     inspector.show_button.changed.emit(True)
+    kernels_shown()
     kernels = viewer.layers["Cross-D kernels"]
     assert kernels.rgb and kernels.data.shape == (3, 23, 23, 3)  # 32 RGB kernels in 6 x 6 tiles
     # The kernel depth spans the volume's Z extent, so the dims slider steps through both.
@@ -298,9 +304,11 @@ def test_inspector_layers(qtbot, viewer_with_crop, crossd_mobilenet_checkpoint, 
     # Live: a new angle or layer updates the same layers.
     first = np.array(rotated.data)
     inspector.angle.value = 90.0
+    kernels_shown()
     assert not np.allclose(rotated.data, first)
     assert viewer.layers["Cross-D rotated kernels"] is rotated
     inspector.layer.value = "features.1.conv.0.0"  # 32 depthwise 3x3x3 kernels
+    kernels_shown()
     assert viewer.layers["Cross-D kernels"].data.shape == (3, 23, 23)
     assert not viewer.layers["Cross-D kernels"].rgb
 
@@ -322,6 +330,7 @@ def test_inspector_layers(qtbot, viewer_with_crop, crossd_mobilenet_checkpoint, 
     wait_idle(qtbot, loader)
     assert loader.session.info["arch"] == "crossd_mobilenet_v2"
     inspector.layer.value = "features.2.conv.1.0"
+    kernels_shown()
     assert inspector.rotation_button.enabled
     inspector.slice_rotations()
     wait_idle(qtbot, inspector)
@@ -331,6 +340,41 @@ def test_inspector_layers(qtbot, viewer_with_crop, crossd_mobilenet_checkpoint, 
     assert np.abs(angles).max() <= np.pi / 4
     assert sum(inspector.rotation_plot.values) == 32
     assert inspector.rotation_info.value.startswith("dynamic rotation over 32 slices")
+    assert errors == []
+
+
+def test_inspector_computes_off_the_gui_thread_and_the_latest_angle_wins(qtbot, viewer_with_crop, monkeypatch,
+                                                                         errors):
+    """Kernel rotation and FFTs run in a worker; ticks that come faster than the work collapse to the last."""
+    import math
+    import threading
+    import time
+
+    from napari_crossd.engine import inspect
+
+    viewer, _ = viewer_with_crop
+    load_model_in_widget(qtbot, viewer)
+    inspector = dock(viewer, "Inspector (kernels, rotations, phase)")
+    rotate_bank, calls = inspect.rotate_bank, []
+
+    def slow_rotate_bank(kernels, axis, angle, support=None):
+        calls.append((round(math.degrees(angle)), threading.current_thread() is threading.main_thread()))
+        time.sleep(1.0)  # slower than the slider
+        return rotate_bank(kernels, axis, angle, support)
+
+    monkeypatch.setattr(inspect, "rotate_bank", slow_rotate_bank)
+    begin = time.perf_counter()
+    inspector.show_button.changed.emit(True)  # at the default 30 deg
+    for angle in (10.0, 20.0, 40.0, 50.0):
+        inspector.angle.value = angle
+    assert time.perf_counter() - begin < 0.5  # the GUI thread did not wait for any rotation
+    qtbot.waitUntil(lambda: not inspector.kernel_jobs.busy, timeout=WAIT_MS)
+    assert inspector.kernel_jobs.runner.last_status == "done", inspector.kernel_jobs.runner.last_error
+    assert calls == [(30, False), (50, False)]  # 10, 20 and 40 were replaced while 30 ran
+    view = inspector.view
+    expected = inspect.kernel_grid(rotate_bank(view.bank, "h", math.radians(50.0)) / view.grid.peak)
+    expected = np.clip(0.5 + (expected.data - 0.5) * expected.peak, 0.0, 1.0)  # RGB, in the kernels' unit
+    np.testing.assert_allclose(viewer.layers["Cross-D rotated kernels"].data, expected, atol=1e-6)
     assert errors == []
 
 

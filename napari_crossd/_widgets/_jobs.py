@@ -1,11 +1,12 @@
 """Run engine jobs off the GUI thread: napari ``thread_worker``, progress bar, cancel, notifications.
 
 A job is a generator from :mod:`napari_crossd.engine` that yields ``Progress`` and returns
-its result. :func:`start_job` drives it in a napari generator worker; results are handed to
+its result. :meth:`JobRunner.start` drives it in a napari generator worker; results are handed to
 ``on_result`` in the GUI thread, which is where layers are added. Cancelling sets a flag the
 worker checks between two yields: the job is closed in the worker thread (its clean-up runs
 there) and no result is delivered, so no layer changes. An exception becomes a napari error
-notification with its message; layers are left as they were.
+notification with its message; layers are left as they were. :class:`LatestJob` runs short
+interactive jobs (a slider's) where only the newest request counts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from napari.qt.threading import thread_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 
-__all__ = ["CANCELLED", "JobRunner"]
+__all__ = ["CANCELLED", "JobRunner", "LatestJob"]
 
 CANCELLED = object()
 
@@ -38,8 +39,20 @@ def _drive(job: Generator, cancel: threading.Event):
         job.close()
 
 
+def _show_progress(bar, description: str, report) -> None:
+    """Draw a job's ``Progress`` report in its napari progress bar."""
+    if bar.total != (report.total or 0):
+        bar.total = report.total or 0
+    bar.n = min(report.step, report.total) if report.total else report.step
+    bar.set_description(f"{description}: {report.message}")
+    bar.refresh()
+
+
 class JobRunner:
     """One job at a time for a widget, with a napari progress bar and a Cancel action.
+
+    ``progress_bar=False`` leaves out the napari progress bar (for jobs that take a moment,
+    where a bar would only flash).
 
     Attributes:
         worker: the running napari worker, or None.
@@ -49,7 +62,7 @@ class JobRunner:
         last_result_ms: time the last result took to show (adding layers, in the GUI thread).
     """
 
-    def __init__(self, on_busy: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, on_busy: Callable[[bool], None] | None = None, progress_bar: bool = True) -> None:
         self.worker = None
         self.last_error: str | None = None
         self.last_status: str | None = None
@@ -57,6 +70,7 @@ class JobRunner:
         self.last_result_ms: float | None = None
         self._cancel = threading.Event()
         self._on_busy = on_busy
+        self._progress_bar = progress_bar
         self._bar = None
 
     @property
@@ -105,16 +119,13 @@ class JobRunner:
                 worker.errored.disconnect(relay)
             except (TypeError, RuntimeError):
                 pass  # not connected in this napari version
-        bar = napari_progress(total=0, desc=description)
+        bar = napari_progress(total=0, desc=description) if self._progress_bar else None
         self._bar = bar
         started = time.perf_counter()
 
         def yielded(report) -> None:
-            if bar.total != (report.total or 0):
-                bar.total = report.total or 0
-            bar.n = min(report.step, report.total) if report.total else report.step
-            bar.set_description(f"{description}: {report.message}")
-            bar.refresh()
+            if bar is not None:
+                _show_progress(bar, description, report)
             if on_progress is not None:
                 on_progress(report)
 
@@ -145,7 +156,8 @@ class JobRunner:
 
         def finished() -> None:
             self.last_seconds = time.perf_counter() - started
-            bar.close()
+            if bar is not None:
+                bar.close()
             self._bar = None
             self.worker = None
             if self._on_busy is not None:
@@ -164,3 +176,41 @@ class JobRunner:
     def cancel(self) -> None:
         """Ask the running job to stop at its next step (no effect when idle)."""
         self._cancel.set()
+
+
+class LatestJob:
+    """Short interactive jobs where only the newest request counts, e.g. one per slider tick.
+
+    One job runs at a time, off the GUI thread (a :class:`JobRunner` without a progress
+    bar). A request made while a job runs waits, replacing any request that was waiting;
+    when the running job ends, the waiting one starts. The running job is not cancelled:
+    its result still shows, so the display follows a moving slider at the speed of the
+    work and always ends on the last request.
+
+    Attributes:
+        runner: the :class:`JobRunner` (``last_status``, ``last_error`` of the last job).
+    """
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.runner = JobRunner(on_busy=self._busy_changed, progress_bar=False)
+        self._waiting: tuple[Callable[[], Generator], Callable[[object], None]] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A job is running or waiting."""
+        return self.runner.busy or self._waiting is not None
+
+    def submit(self, make_job: Callable[[], Generator], on_result: Callable[[object], None]) -> None:
+        """Run ``make_job()`` now, or after the running job, instead of any request waiting."""
+        if self.runner.busy:
+            self._waiting = (make_job, on_result)
+            return
+        self.runner.start(make_job, on_result, self.description)
+
+    def _busy_changed(self, busy: bool) -> None:
+        # Called by the runner in the GUI thread once a job has ended (result shown).
+        if not busy and self._waiting is not None:
+            make_job, on_result = self._waiting
+            self._waiting = None
+            self.runner.start(make_job, on_result, self.description)

@@ -5,25 +5,85 @@ the learned rotation (per slice for dynamic layers) and feature maps. Numerics i
 Kernel layers are placed beside the volume being inspected: their k kernel slices span the
 volume's Z extent, so napari's dims slider steps through kernel depth while it steps
 through the volume, and the grid fits in a box of the volume's size to its right.
+
+Reading, rotating and Fourier-transforming kernels runs in a worker (:func:`kernel_view_job`),
+one request at a time: while the angle slider moves faster than the work, only its newest
+value waits to be computed (:class:`~._jobs.LatestJob`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSlider, Label, PushButton, Slider, SpinBox
 
 from ._common import LayerPicker, check_volume_layer, volume_data
-from ._jobs import JobRunner
+from ._jobs import JobRunner, LatestJob
 from ._plot import CurvePlot
 from ._session import session_for
 
-__all__ = ["InspectorWidget"]
+__all__ = ["InspectorWidget", "KernelView", "kernel_view_job"]
 
 MAX_OUT, MAX_IN = 32, 16
 ROLE = "crossd_inspector"
 KERNELS, ROTATED, PHASE, FEATURE = "kernels", "rotated kernels", "phase shift", "feature map"
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """What the kernel layers show of one network layer.
+
+    Attributes:
+        module: the layer (an nn.Module); name: its name in the model.
+        shape: its whole kernel bank's shape; bank: the kernels drawn (at most
+            ``MAX_OUT`` x ``MAX_IN``); grid: their :class:`~napari_crossd.engine.inspect.KernelGrid`.
+        learned: its :class:`~napari_crossd.engine.inspect.LearnedRotation`.
+    """
+
+    module: object
+    name: str
+    shape: tuple
+    bank: object
+    grid: object
+    learned: object
+
+
+def kernel_view_job(module, name: str, axis: str, angle: float, shown: KernelView | None = None):
+    """Generator (worker thread): ``module``'s kernels and their rotation by ``angle`` radians about ``axis``.
+
+    ``shown``: this module's :class:`KernelView` already computed, reused instead of read again.
+
+    Returns:
+        (view, rotation): rotation is None for kernels that are not cubic (nothing to
+        rotate), else (rotated grid, phase-shift grid in radians); both grids are
+        :class:`~napari_crossd.engine.inspect.KernelGrid`, the rotated one in the unit of
+        ``view.grid`` and clipped to its display range.
+    """
+    from napari_crossd.engine import Progress
+    from napari_crossd.engine.inspect import kernel_grid, layer_kernels, learned_rotation, phase_shift, rotate_bank
+
+    view = shown
+    if view is None:
+        yield Progress(0, 3, f"kernels of {name}")
+        bank = layer_kernels(module)
+        drawn = bank[:MAX_OUT] if bank.shape[1] == 3 else bank[:MAX_OUT, :MAX_IN]
+        view = KernelView(module, name, tuple(bank.shape), drawn, kernel_grid(drawn), learned_rotation(module))
+    if len(set(view.bank.shape[-3:])) != 1:
+        return view, None
+    yield Progress(1, 3, f"rotating by {math.degrees(angle):.0f} deg about {axis}")
+    rotated = rotate_bank(view.bank, axis, angle)
+    grid = kernel_grid(rotated / (view.grid.peak or 1.0))
+    # kernel_grid rescales to its own max |w|: undo it, so both layers share the kernels' unit
+    # (a rotation keeps the L2 norm, not the peak).
+    centre, limits = (0.5, (0.0, 1.0)) if grid.rgb else (0.0, (-1.0, 1.0))
+    grid = replace(grid, data=np.clip(centre + (grid.data - centre) * grid.peak, *limits))
+    yield Progress(2, 3, "phase shift")
+    phase = kernel_grid(phase_shift(view.bank, rotated), rgb=False, max_out=MAX_OUT, max_in=MAX_IN)
+    # kernel_grid scales by max |value|: undo it so the layer holds radians.
+    phase = replace(phase, data=phase.data * phase.peak)
+    return view, (grid, phase)
 
 
 class InspectorWidget(Container):
@@ -53,8 +113,8 @@ class InspectorWidget(Container):
         self.rotation_plot = CurvePlot("per-slice rotation angle (deg)", bars=True)
         self.native.layout().insertWidget(7, self.rotation_plot)
         self.runner = JobRunner()
-        self.grid = None  # the KernelGrid shown
-        self.bank = None  # the kernels shown (torch, capped to MAX_OUT x MAX_IN)
+        self.kernel_jobs = LatestJob("Kernels")
+        self.view = None  # the KernelView shown
         self.rotations = None  # (axes, angles) per slice from the last dynamic run
         self._maps = None  # (key, maps, zoom, source layer) from the last feature run
         # Kernel layers appear once the user asks (Show kernels, or picking a layer); from then
@@ -156,49 +216,44 @@ class InspectorWidget(Container):
 
     # -- kernels, rotation, phase ---------------------------------------------------------
     def show_layer(self, _=None) -> None:
-        from napari_crossd.engine.inspect import kernel_grid, layer_kernels, learned_rotation
+        """Show the picked layer's kernels (read afresh: weights may have changed) and their rotation."""
+        self._request_kernels(reuse=False)
 
+    def show_rotation(self, _=None) -> None:
+        """Show the shown kernels rotated by the current axis and angle."""
+        if self.active:
+            self._request_kernels(reuse=True)
+
+    def _request_kernels(self, reuse: bool) -> None:
         module = self.module()
         if module is None:
             return
-        bank = layer_kernels(module)
-        self.bank = bank[:MAX_OUT] if bank.shape[1] == 3 else bank[:MAX_OUT, :MAX_IN]
-        self.grid = kernel_grid(self.bank)
-        limits = (0.0, 1.0) if self.grid.rgb else (-1.0, 1.0)
-        self._put(KERNELS, self.grid.data, rgb=self.grid.rgb, contrast_limits=limits,
-                  **({} if self.grid.rgb else {"colormap": "PiYG"}))
-        learned = learned_rotation(module)
-        self.rotation_info.value = learned.describe()
-        self.rotation_button.enabled = learned.kind == "dynamic"
-        self.status.value = (f"{self.layer.value}: kernels {tuple(bank.shape)}, shown {self.grid.shown[0]} x "
-                             f"{self.grid.shown[1]} ({self.grid.layout}), max |w| {self.grid.peak:.3g}")
-        self.show_rotation()
+        view = self.view if reuse and self.view is not None and self.view.module is module else None
+        name, axis, angle = self.layer.value, self.axis.value, math.radians(self.angle.value)
+        self.kernel_jobs.submit(lambda: kernel_view_job(module, name, axis, angle, view), self._show_kernels)
 
-    def show_rotation(self, _=None) -> None:
-        from napari_crossd.engine.inspect import kernel_grid, phase_shift, rotate_bank
-
-        if self.bank is None:
-            return
-        if len(set(self.bank.shape[-3:])) != 1:
+    def _show_kernels(self, result) -> None:
+        view, rotation = result
+        self.view, grid = view, view.grid
+        limits = (0.0, 1.0) if grid.rgb else (-1.0, 1.0)
+        colours = {} if grid.rgb else {"colormap": "PiYG"}
+        self._put(KERNELS, grid.data, rgb=grid.rgb, contrast_limits=limits, **colours)
+        self.rotation_info.value = view.learned.describe()
+        self.rotation_button.enabled = view.learned.kind == "dynamic"
+        self.status.value = (f"{view.name}: kernels {view.shape}, shown {grid.shown[0]} x {grid.shown[1]} "
+                             f"({grid.layout}), max |w| {grid.peak:.3g}")
+        if rotation is None:
             for role in (ROTATED, PHASE):
                 layer = self._owned(role)
                 if layer is not None:
                     self.viewer.layers.remove(layer)
             return
-        rotated = rotate_bank(self.bank, self.axis.value, math.radians(self.angle.value))
-        grid = kernel_grid(rotated / self.grid.peak)  # the same unit as the kernels layer
-        scale, translate = self._frame(grid.data.shape[:3])
-        below = (translate[0], translate[1] + scale[1] * (grid.data.shape[1] + 4), translate[2])
-        limits = (0.0, 1.0) if grid.rgb else (-1.0, 1.0)
-        self._put(ROTATED, np.clip(grid.data, *limits), rgb=grid.rgb, frame=(scale, below), contrast_limits=limits,
-                  **({} if grid.rgb else {"colormap": "PiYG"}))
-        phase = phase_shift(self.bank, rotated)
-        phase_grid = kernel_grid(phase, rgb=False, max_out=MAX_OUT, max_in=MAX_IN)
-        # kernel_grid scales by max |value|: undo it so the layer holds radians.
-        data = phase_grid.data * phase_grid.peak
-        right = (translate[0], translate[1], translate[2] + scale[2] * (self.grid.data.shape[2] + 4))
-        self._put(PHASE, data, frame=((scale[0], scale[1], scale[2]), right), colormap="twilight",
-                  contrast_limits=(-math.pi, math.pi))
+        rotated, phase = rotation
+        scale, translate = self._frame(rotated.data.shape[:3])
+        below = (translate[0], translate[1] + scale[1] * (rotated.data.shape[1] + 4), translate[2])
+        self._put(ROTATED, rotated.data, rgb=rotated.rgb, frame=(scale, below), contrast_limits=limits, **colours)
+        right = (translate[0], translate[1], translate[2] + scale[2] * (grid.data.shape[2] + 4))
+        self._put(PHASE, phase.data, frame=(scale, right), colormap="twilight", contrast_limits=(-math.pi, math.pi))
 
     # -- dynamic rotation over the volume -------------------------------------------------
     def _net_input(self, layer):
