@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install with the test extras into ./.venv, lint, and run the whole test suite.
+# Install with the test extras into ./.venv, lint, and run the whole test suite: tests/ and
+# the docstring examples of napari_crossd/ (pyproject's testpaths and --doctest-modules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --testing

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from official_crossd import OFFICIAL_RESNETS, OfficialCrossDConv, official_crossd_resnet
 from torch import nn
 
 from napari_crossd.core import CrossDConv
 from napari_crossd.models import ARCHITECTURES, build_model, convert_to_crossd, list_models
+from napari_crossd.models.inflate import inflate
 
 # Keys and shapes as in torchvision.models (resnet18/34/50, mobilenet_v2), written out
 # by hand because torchvision does not import beside this torch build.
@@ -114,7 +116,7 @@ def test_build_model_rejects_unknown_names_and_misplaced_options():
         build_model("resnet18", rotation="dynamic")
 
 
-def test_crossd_resnet18_has_the_official_key_layout():
+def test_crossd_resnet18_keeps_the_official_layer_layout_and_its_1x1_shortcuts_plain():
     model = build_model("crossd_resnet18", rotation_mode="reference")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes["conv1.weights_3d"] == (64, 3, 7, 7, 7)
@@ -141,6 +143,37 @@ def test_only_convolutions_larger_than_1x1_become_crossd(arch, num_crossd):
         depthwise = model.features[2].conv[1][0]
         assert isinstance(depthwise, CrossDConv) and depthwise.groups == 96
         assert tuple(depthwise.weights_3d.shape) == (96, 1, 3, 3, 3)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", list(OFFICIAL_RESNETS))
+def test_pointwise_conversion_builds_the_official_layout(arch):
+    with torch.device("meta"):
+        official = official_crossd_resnet(arch)
+        ours = convert_to_crossd(build_model(arch, rotation_mode="reference"), "dynamic", "reference", pointwise=True)
+    assert _shapes(ours) == _shapes(official)
+    assert sum(isinstance(m, CrossDConv) for m in ours.modules()) == sum(
+        isinstance(m, OfficialCrossDConv) for m in official.modules()
+    )
+
+
+def test_official_1x1_layer_computes_a_1x1_convolution_and_inflates_to_a_1x1x1_conv3d():
+    torch.manual_seed(0)
+    official = OfficialCrossDConv(64, 128, 1, 2, 0, 1, 1, None).eval()
+    layer = CrossDConv(64, 128, 1, stride=2, bias=False, rotation="dynamic", rotation_mode="reference").eval()
+    layer.load_state_dict(official.state_dict())
+    x = torch.randn(2, 64, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), official(x))
+        torch.testing.assert_close(layer(x), nn.functional.conv2d(x, official.weights_3d[:, :, 0], stride=2))
+    for flat in (0, 1):  # fully 3D, and depth-preserving
+        conv3d = inflate(nn.Sequential(layer), "centre", depth_preserving_stages=flat)[0]
+        assert type(conv3d) is nn.Conv3d and conv3d.kernel_size == (1, 1, 1) and conv3d.bias is None
+        assert torch.equal(conv3d.weight, official.weights_3d)
+        assert conv3d.stride == ((1 if flat else 2), 2, 2) and conv3d.padding == (0, 0, 0)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
