@@ -92,12 +92,27 @@ def test_workflow_features_finetune_predict_save_reload(
     assert tuple(image.scale) == (1.0, 1.0, 1.0) and tuple(image.translate) == (-12.0, -114.0, -32.0)
     original = np.array(image.data, copy=True)
 
+    # An official Cross-D ResNet-18 checkpoint with tensors that the official evaluation
+    # drops: the status shows the loader's real key diff and names what it ignored.
+    from official_crossd import official_checkpoint, official_crossd_resnet
+
+    extras = {"layer1.0.dilated_conv.weight": torch.zeros(64, 64, 3, 3), "conv1.angle": torch.zeros(1)}
+    official = tmp_path / "CrossDConvR18.pth"
+    torch.save(official_checkpoint(official_crossd_resnet(num_classes=2), extras), official)
+    model_widget = load_model_in_widget(qtbot, viewer, official)
+    assert model_widget.session.info["format"] == "crossd_official"
+    ignored = "(ignored: layer1.0.dilated_conv.weight, conv1.angle)"
+    assert f"302 tensors loaded: 0 missing, 2 unexpected {ignored}" in model_widget.status.value
+
     # The real ImageNet MobileNetV2 (torchvision's file), chosen as a user would.
-    model_widget = load_model_in_widget(qtbot, viewer, mobilenet_v2_imagenet_path)
+    model_widget.checkpoint.value = str(mobilenet_v2_imagenet_path)
+    model_widget.load()
+    wait_idle(qtbot, model_widget)
+    assert model_widget.runner.last_status == "done", model_widget.runner.last_error
     session = model_widget.session
     assert session.info["arch"] == "mobilenet_v2" and session.info["strategy"] == "i3d"
     assert session.info["parameters"] == 3_635_048  # 3,504,872 in 2D; 3x3 kernels gain a depth of 3
-    assert "0 missing, 0 unexpected" in model_widget.status.value
+    assert "314 tensors loaded: 0 missing, 0 unexpected;" in model_widget.status.value
     assert session.model3d.crossd_meta["spatial_dims"] == 3
 
     # Features: an RGB PCA layer and the full stack, on the image's grid.
