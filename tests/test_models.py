@@ -116,7 +116,7 @@ def test_build_model_rejects_unknown_names_and_misplaced_options():
         build_model("resnet18", rotation="dynamic")
 
 
-def test_crossd_resnet18_keeps_the_official_layer_layout_and_its_1x1_shortcuts_plain():
+def test_crossd_resnet18_layers_have_official_names_and_its_1x1_shortcuts_stay_plain():
     model = build_model("crossd_resnet18", rotation_mode="reference")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes["conv1.weights_3d"] == (64, 3, 7, 7, 7)
