@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSlider, Label, PushButton, Slider, SpinBox
@@ -23,6 +24,12 @@ from ._common import LayerPicker, check_volume_layer, volume_data
 from ._jobs import JobRunner, LatestJob
 from ._plot import CurvePlot
 from ._session import session_for
+
+if TYPE_CHECKING:  # annotations only: the widget imports the engine where it first needs it
+    import torch
+    from torch import nn
+
+    from napari_crossd.engine.inspect import KernelGrid, LearnedRotation
 
 __all__ = ["InspectorWidget", "KernelView", "kernel_view_job"]
 
@@ -36,18 +43,18 @@ class KernelView:
     """What the kernel layers show of one network layer.
 
     Attributes:
-        module: the layer (an nn.Module); name: its name in the model.
+        module: the network layer; name: its name in the model.
         shape: its whole kernel bank's shape; bank: the kernels drawn (at most
-            ``MAX_OUT`` x ``MAX_IN``); grid: their :class:`~napari_crossd.engine.inspect.KernelGrid`.
-        learned: its :class:`~napari_crossd.engine.inspect.LearnedRotation`.
+            ``MAX_OUT`` x ``MAX_IN``); grid: their layout for display.
+        learned: the layer's learned rotation.
     """
 
-    module: object
+    module: nn.Module
     name: str
-    shape: tuple
-    bank: object
-    grid: object
-    learned: object
+    shape: tuple[int, ...]
+    bank: torch.Tensor
+    grid: KernelGrid
+    learned: LearnedRotation
 
 
 def kernel_view_job(module, name: str, axis: str, angle: float, shown: KernelView | None = None):
