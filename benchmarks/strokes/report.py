@@ -1,0 +1,137 @@
+"""The strokes benchmark's table, written from the raw per-(task, arm, seed) results."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from arms import BASELINES, FILTERS, FOREST
+
+NAMES = {
+    "filters-forest": "(a) filter bank + forest (ilastik)",
+    "slices-forest": "(b) 2D ImageNet MobileNetV2 per slice + forest (Convpaint)",
+    "default": "(c) ours, default (widget)",
+    "default-full": "ours, default, full fine-tuning",
+}
+SETS = ("near", "far", "all")
+
+
+def _pm(values, digits: int = 3) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{np.nanmean(values):.{digits}f} +- {np.nanstd(values):.{digits}f}"
+
+
+def _name(arm: str) -> str:
+    return NAMES.get(arm, f"(d) ours, {arm.replace('-', ' weights, ', 1)}")
+
+
+def load(raw: Path) -> dict:
+    """{task: {arm: [result per seed]}}."""
+    runs: dict = defaultdict(lambda: defaultdict(list))
+    for path in sorted(raw.glob("*.json")):
+        result = json.loads(path.read_text())
+        runs[result["task"]][result["arm"]].append(result)
+    return runs
+
+
+def _mean(results, *keys) -> float:
+    values = []
+    for r in results:
+        for key in keys:
+            r = r[key]
+        values.append(r)
+    return float(np.nanmean(values))
+
+
+def task_table(task: str, arms: dict) -> list[str]:
+    first = next(iter(arms.values()))[0]
+    names = first["class_names"]
+    head = ["arm", "seeds", *(f"Dice {s}" for s in SETS), *(f"{c} (all)" for c in names),
+            "Train -> labels (s)", "corrective gain", "retrain (s)", "retrain -> labels (s)"]
+    lines = [f"### {task}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for arm, results in arms.items():
+        cells = [_name(arm), str(len(results))]
+        cells += [_pm([r["round1"][s]["mean"] for r in results]) for s in SETS]
+        cells += [_pm([r["round1"]["all"]["classes"][str(i + 1)] for r in results]) for i in range(len(names))]
+        cells += [f"{_mean(results, 'seconds', 'train_to_labels'):.1f}",
+                  _pm([r["round2"]["gain"] for r in results]),
+                  f"{_mean(results, 'seconds', 'refit'):.1f}", f"{_mean(results, 'seconds', 'refit_to_labels'):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    slices = first["slices"]
+    lines += ["", f"{first['shape']} voxels, spacing {first['spacing']}; painted slices {first['painted_slices']}"
+              f" (seed {first['seed']}; {first['stroke_voxels']} voxels); unpainted slices near / far: "
+              f"{slices['near']} / {slices['far']}.", ""]
+    return lines
+
+
+def summary(runs: dict, tasks) -> list[str]:
+    """Mean over the context tasks, and the targets the lead checks, from the numbers above."""
+    context = [t for t in runs if t in tasks and tasks[t].context]
+    arms = sorted({a for t in context for a in runs[t]}, key=lambda a: (a not in BASELINES, a != "default", a))
+    lines = ["## Mean over the context tasks", "", f"Tasks: {', '.join(context)}. Mean over classes, then seeds, "
+             "then tasks (only arms run on all of them).", "", "| arm | " + " | ".join(f"Dice {s}" for s in SETS)
+             + " | corrective gain |", "|---" * 5 + "|"]
+    means = {}
+    for arm in arms:
+        if not all(arm in runs[t] for t in context):
+            continue
+        means[arm] = {s: np.mean([_mean(runs[t][arm], "round1", s, "mean") for t in context]) for s in SETS}
+        gain = np.mean([_mean(runs[t][arm], "round2", "gain") for t in context])
+        lines.append(f"| {_name(arm)} | " + " | ".join(f"{means[arm][s]:.3f}" for s in SETS) + f" | {gain:+.3f} |")
+    return [*lines, "", *targets(runs, means)]
+
+
+def targets(runs: dict, context_means: dict) -> list[str]:
+    if "default" not in context_means:
+        return []
+    lines = ["## Targets", ""]
+    for task, arms in runs.items():
+        if "default" in arms and any(b in arms for b in BASELINES):
+            ours = _mean(arms["default"], "round1", "all", "mean")
+            best = max(_mean(arms[b], "round1", "all", "mean") for b in BASELINES if b in arms)
+            verdict = "met" if ours >= best - 0.01 else "NOT met"
+            lines.append(f"- {task}: (c) {ours:.3f} vs best baseline {best:.3f} (all unpainted): {verdict}")
+    for s in ("near", "far"):
+        best = max(context_means[b][s] for b in BASELINES if b in context_means)
+        margin = context_means["default"][s] - best
+        lines.append(f"- context mean, {s}: (c) {margin * 100:+.1f} Dice points over the best baseline "
+                     f"(target +3): {'met' if margin >= 0.03 else 'NOT met'}")
+    for task, arms in runs.items():
+        if "default" in arms:
+            d = arms["default"]
+            forest = arms.get("filters-forest")
+            gain, refit = _mean(d, "round2", "gain"), _mean(d, "seconds", "refit")
+            versus = f", forest's {_mean(forest, 'round2', 'gain'):+.3f}" if forest else ""
+            lines.append(f"- {task}: Train -> labels {_mean(d, 'seconds', 'train_to_labels'):.1f} s (<= 60 s for "
+                         f"~200^3); corrective gain {gain:+.3f}{versus}; retrain {refit:.1f} s (<= 10 s)")
+    return lines
+
+
+def write_report(raw: Path, out: Path, tasks, quick: bool = False) -> None:
+    runs = load(raw)
+    if not runs:
+        return
+    any_result = next(iter(next(iter(runs.values())).values()))[0]
+    m = any_result["machine"]
+    lines = [
+        "# Strokes benchmark" + (" (quick crops: a smoke run, not results)" if quick else ""), "",
+        "`python benchmarks/strokes/run.py` (protocol: its docstring). Written by the script from results/raw/"
+        " (one JSON per task, arm and seed; dates and machines in each). Dice: mean over classes of each arm's"
+        " per-class Dice, mean +- std over stroke seeds. near / far: unpainted slices between the first and last"
+        " painted slice / beyond them; all: every unpainted slice. Corrective gain: Dice (all, mean over classes)"
+        " after the second round minus before, on the slices unpainted in both rounds.", "",
+        f"Machine: {m['platform']}, torch {m['torch']}, {m['torch_threads']} torch threads; CPU shared with other "
+        f"jobs, so times are upper bounds. Forests: scikit-learn RandomForestClassifier({FOREST}), random_state ="
+        f" seed; (a) skimage.feature.multiscale_basic_features({FILTERS}) on the whole volume (computed once per "
+        "volume and credited to every first Train); (b) levels at strides 2, 4, 8, 16 (16 + 24 + 32 + 96 channels) "
+        "bilinearly upsampled per slice, plus the grey value.", "",
+        "## Tasks", "",
+        *(f"- {name}{' (context)' if t.context else ''}: {t.about}. Install: `{t.install}`." for name, t in
+          tasks.items() if name in runs),
+        "", *summary(runs, tasks), "", "## Per task", "",
+    ]
+    for task in runs:
+        lines += task_table(task, runs[task])
+    out.write_text("\n".join(lines) + "\n")
