@@ -138,14 +138,12 @@ def official_crossd_resnet(arch: str = "crossd_resnet18", num_classes: int = 100
     return model
 
 
-def official_checkpoint(model: nn.Module, extras: dict[str, torch.Tensor] | None = None) -> dict:
+def official_checkpoint(state: dict[str, torch.Tensor], extras: dict[str, torch.Tensor] | None = None) -> dict:
     """What the official training script saves: ``{"model": state_dict, "epoch": ...}``.
 
     Args:
-        model: an :func:`official_crossd_resnet`.
-        extras: tensors of older official variants to add to the state dict (names that
-            the official evaluation drops, e.g. ``layer1.0.dilated_conv.weight``).
+        state: the state dict of an :func:`official_crossd_resnet`.
+        extras: tensors of older official variants to add to it (names that the official
+            evaluation drops, e.g. ``layer1.0.dilated_conv.weight``).
     """
-    state = dict(model.state_dict())
-    state.update(extras or {})
-    return {"model": state, "epoch": 89}
+    return {"model": {**state, **(extras or {})}, "epoch": 89}

@@ -166,13 +166,22 @@ def test_official_crossd_checkpoint_loads_with_weights_only(tmp_path):
         torch.testing.assert_close(model(x), source.eval()(x))
 
 
-def _trained_official_resnet(arch: str, num_classes: int) -> torch.nn.Module:
-    """An official Cross-D ResNet whose BatchNorm statistics moved (in the rotation heads too)."""
+@pytest.fixture(scope="module")
+def official_r18() -> dict:
+    """An official Cross-D ResNet-18 (7 classes) whose BatchNorm statistics moved (in the
+    rotation heads too), its state dict, and its output on ``x`` (the official forward is slow)."""
     torch.manual_seed(0)
-    model = official_crossd_resnet(arch, num_classes)
+    model = official_crossd_resnet("crossd_resnet18", num_classes=7)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        model.train()(torch.randn(4, 3, 32, 32))
-    return model.eval()
+        model.train()(torch.randn(2, 3, 32, 32))
+        logits = model.eval()(x)
+    return {"state": model.state_dict(), "x": x, "logits": logits}
+
+
+def _save_official(official: dict, path: Path, extras: dict | None = None) -> Path:
+    torch.save(official_checkpoint(official["state"], extras), path)
+    return path
 
 
 def test_official_crossd_resnet18_has_the_layout_the_issue_describes():
@@ -191,26 +200,22 @@ def test_official_layout_is_detected_for_every_resnet_depth(arch):
     assert match.diff.exact and not match.diff.ignored
 
 
-def test_official_resnet18_checkpoint_loads_and_computes_the_official_network(tmp_path):
-    official = _trained_official_resnet("crossd_resnet18", num_classes=7)
-    path = tmp_path / "CrossDConvR18.pth"
-    torch.save(official_checkpoint(official), path)
-
+def test_official_resnet18_checkpoint_loads_and_computes_the_official_network(official_r18, tmp_path):
+    path = _save_official(official_r18, tmp_path / "CrossDConvR18.pth")
     model, report = load_model_with_report(path)
     meta = model.crossd_meta
     assert (meta["arch"], meta["format"], meta["crossd_pointwise"]) == ("crossd_resnet18", "crossd_official", True)
     assert (meta["rotation"], meta["rotation_mode"], meta["num_classes"]) == ("dynamic", "reference", 7)
     assert (len(report.loaded), report.missing, report.ignored) == (302, (), ())
-    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), official(x))
+        torch.testing.assert_close(model(official_r18["x"]), official_r18["logits"])
 
 
 @pytest.mark.parametrize("arch", ["crossd_resnet34", "crossd_resnet50"])
 def test_official_deeper_resnet_checkpoints_load_every_tensor(arch, tmp_path):
     official = official_crossd_resnet(arch, num_classes=3)
     path = tmp_path / "official.pth"
-    torch.save(official_checkpoint(official), path)
+    torch.save(official_checkpoint(official.state_dict()), path)
     model, report = load_model_with_report(path)
     assert model.crossd_meta["arch"] == arch
     assert report.loaded == tuple(official.state_dict())
@@ -218,9 +223,8 @@ def test_official_deeper_resnet_checkpoints_load_every_tensor(arch, tmp_path):
         assert torch.equal(model.state_dict()[key], value), key
 
 
-def test_tensors_the_official_evaluation_drops_are_ignored_and_reported(tmp_path):
+def test_tensors_the_official_evaluation_drops_are_ignored_and_reported(official_r18, tmp_path):
     assert OFFICIAL_EXTRA_WORDS == OFFICIAL_DROPPED_WORDS
-    official = _trained_official_resnet("crossd_resnet18", num_classes=2)
     extras = {
         "layer1.0.dilated_conv.weight": torch.randn(64, 64, 3, 3),
         "layer1.0.bn_dilated.running_mean": torch.zeros(64),
@@ -228,55 +232,46 @@ def test_tensors_the_official_evaluation_drops_are_ignored_and_reported(tmp_path
         "conv1.angle": torch.zeros(1),
         "layer4.1.conv2.rotation_axis": torch.zeros(3),
     }
-    path = tmp_path / "released.pth"
-    torch.save(official_checkpoint(official, extras), path)
-
+    path = _save_official(official_r18, tmp_path / "released.pth", extras)
     model, report = load_model_with_report(path)
     assert sorted(report.ignored) == sorted(extras)
     assert len(report.loaded) == 302 and not report.missing
     assert "302 tensors loaded: 0 missing, 5 unexpected (ignored: layer1.0.dilated_conv.weight" in report.summary()
-    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), official(x))
+        torch.testing.assert_close(model(official_r18["x"]), official_r18["logits"])
 
     # Words the official evaluation does not drop still refuse the file.
-    torch.save(official_checkpoint(official, {"decoder.0.weight": torch.zeros(1)}), path)
+    _save_official(official_r18, path, {"decoder.0.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"1 unexpected key\(s\): decoder\.0\.weight"):
         load_model(path)
 
 
-def test_official_checkpoint_inflates_as_the_official_3d_pipeline_loads_it(tmp_path):
+def test_official_checkpoint_inflates_as_the_official_3d_pipeline_loads_it(official_r18, tmp_path):
     # The official evaluation builds torchvision's resnet18, converts it to Conv3d and loads
     # the checkpoint after dropping rotation keys and renaming weights_3d to weight: every
     # Cross-D layer, the 1x1 shortcuts included, is its U as a Conv3d kernel.
-    official = _trained_official_resnet("crossd_resnet18", num_classes=2)
-    path = tmp_path / "official.pth"
-    torch.save(official_checkpoint(official), path)
-    model3d = inflate(load_model(path), "i3d")
+    model3d = inflate(load_model(_save_official(official_r18, tmp_path / "official.pth")), "i3d")
     shortcut = model3d.layer2[0].downsample[0]
     assert isinstance(shortcut, torch.nn.Conv3d) and shortcut.kernel_size == (1, 1, 1)
     assert shortcut.stride == (2, 2, 2) and shortcut.padding == (0, 0, 0)
     expected = {
         key.replace(".weights_3d", ".weight"): value
-        for key, value in official.state_dict().items()
+        for key, value in official_r18["state"].items()
         if not any(word in key for word in OFFICIAL_DROPPED_WORDS)
     }
     state3d = model3d.state_dict()
     assert state3d.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(state3d[key], value), key
-    assert model3d(torch.randn(1, 3, 8, 32, 32)).shape == (1, 2)
+    assert model3d(torch.randn(1, 3, 8, 32, 32)).shape == (1, 7)
 
 
-def test_official_layout_round_trips_through_save_model(tmp_path):
-    official = _trained_official_resnet("crossd_resnet18", num_classes=2)
-    torch.save(official_checkpoint(official), tmp_path / "official.pth")
-    weights, sidecar = save_model(load_model(tmp_path / "official.pth"), tmp_path / "ours.safetensors")
+def test_official_layout_round_trips_through_save_model(official_r18, tmp_path):
+    loaded = load_model(_save_official(official_r18, tmp_path / "official.pth"))
+    weights, sidecar = save_model(loaded, tmp_path / "ours.safetensors")
     assert json.loads(sidecar.read_text())["crossd_pointwise"] is True
-    reloaded = load_model(weights)
-    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), official(x))
+        torch.testing.assert_close(load_model(weights)(official_r18["x"]), official_r18["logits"])
 
 
 def test_load_report_names_what_was_not_copied(tmp_path):

@@ -98,7 +98,7 @@ def test_workflow_features_finetune_predict_save_reload(
 
     extras = {"layer1.0.dilated_conv.weight": torch.zeros(64, 64, 3, 3), "conv1.angle": torch.zeros(1)}
     official = tmp_path / "CrossDConvR18.pth"
-    torch.save(official_checkpoint(official_crossd_resnet(num_classes=2), extras), official)
+    torch.save(official_checkpoint(official_crossd_resnet(num_classes=2).state_dict(), extras), official)
     model_widget = load_model_in_widget(qtbot, viewer, official)
     assert model_widget.session.info["format"] == "crossd_official"
     ignored = "(ignored: layer1.0.dilated_conv.weight, conv1.angle)"
