@@ -2,14 +2,9 @@
 
 from .crossd_conv import CrossDConv
 from .fourier import fourier_shift, rotate_plane, shear
+from .operator import rotation_operator, static_kernels
 from .reference import first_order_rotation, reference_operator
-from .rotation import (
-    axis_angle_to_matrix,
-    pad_kernels,
-    quaternion_to_matrix,
-    rotate_kernels,
-    rotation_operator,
-)
+from .rotation import axis_angle_to_matrix, pad_kernels, quaternion_to_matrix, rotate_kernels
 
 __all__ = [
     "CrossDConv",
@@ -23,4 +18,5 @@ __all__ = [
     "rotate_plane",
     "rotation_operator",
     "shear",
+    "static_kernels",
 ]

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .operator import rotation_operator, static_kernels
 from .reference import first_order_rotation, reference_operator
-from .rotation import pad_kernels, rotation_operator
+from .rotation import pad_kernels
 
 __all__ = ["CrossDConv"]
 
@@ -49,13 +50,6 @@ def _triple(value: int | tuple[int, ...], name: str) -> tuple[int, int, int]:
     if len(value) != 3 or not all(isinstance(v, int) and v >= 0 for v in value):
         raise ValueError(f"{name} must be a non-negative int, an (h, w) pair or a (d, h, w) triple; got {value}")
     return value
-
-
-def _apply_operator(operator: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """(R, P, Q) operators on (C_out, C_in, Q) kernels: one shared operator, or one per output channel."""
-    if operator.shape[0] == 1:
-        return kernels @ operator[0].T
-    return torch.einsum("opq,oiq->oip", operator, kernels)
 
 
 def _per_sample_kernels(operator: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -122,8 +116,8 @@ class _PerSampleConv2d(torch.autograd.Function):
         if grad_kernels is not None:
             grad_kernels = grad_kernels.reshape(batch, -1, operator.shape[1])  # (B, C_out * C_in, P)
             flat = weights.reshape(-1, weights.shape[-1])
-            if need_operator:  # per sample: long inner dimension, efficient GEMMs
-                grad_operator = torch.stack([grad_kernels[b].T @ flat for b in range(batch)])
+            if need_operator:  # per sample, in one batched product: long inner dimension
+                grad_operator = torch.bmm(grad_kernels.transpose(1, 2), flat.expand(batch, *flat.shape))
             if need_weights:  # one GEMM over all samples' taps
                 stacked = grad_kernels.transpose(0, 1).reshape(flat.shape[0], -1)
                 grad_weights = (stacked @ operator.reshape(-1, flat.shape[1])).reshape(weights.shape)
@@ -377,19 +371,14 @@ class CrossDConv(nn.Module):
 
     def _static_kernel(self, spatial_dims: int) -> torch.Tensor:
         """The kernel of a layer without dynamic rotation, or the 3D kernel of a dynamic one."""
-        weights = self.weights_3d
-        if spatial_dims == 3:
-            if self.rotation != "static":
-                return weights
-            operator = rotation_operator(self.rotation_vector, self._support, dtype=weights.dtype)
-            kernels = self._support_kernels()
-            return _apply_operator(operator, kernels.flatten(2)).reshape(kernels.shape)
-        if self.rotation_mode == "fourier" and self.rotation == "none":
-            return weights[:, :, self.kernel_size // 2]
-        operator = self._plane_operator()
-        support = self._support
-        kernels = _apply_operator(operator, self._support_kernels().flatten(2))
-        return kernels.reshape(*weights.shape[:2], support, support)
+        central_plane = spatial_dims == 2
+        if self.rotation_mode == "reference" and central_plane:  # the official synthesis at angle 0
+            kernels = torch.mm(self.weights_3d.flatten(0, 1).flatten(1), self._plane_operator().squeeze(0).T)
+            return kernels.view(*self.weights_3d.shape[:2], self.kernel_size, self.kernel_size)
+        if self.rotation != "static":  # U itself (its support only adds zeros)
+            return static_kernels(self.weights_3d, central_plane=central_plane)
+        return static_kernels(self.weights_3d, self.rotation_vector, support=self.kernel_support,
+                              central_plane=central_plane)
 
     def _cached_static_kernel(self, spatial_dims: int) -> torch.Tensor:
         # Inference re-uses the synthesised kernel until a parameter changes in place.

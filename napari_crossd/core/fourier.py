@@ -32,10 +32,10 @@ __all__ = [
 
 @functools.cache
 def _shift_table(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Constants of :func:`shift_matrices`: (2k,) phase slopes and offsets, (2k, k*k) basis.
+    """Constants of :func:`shift_matrices`: (2k,) phase slopes and starts, (2k, k*k) basis, (k,) coordinates.
 
     The basis holds ``cos`` and ``sin`` of ``2 pi nu_n (i - j)``, over k; the slopes
-    ``2 pi nu`` twice and the offsets 0 then pi/2, so that one cosine gives ``cos`` and ``sin``
+    ``2 pi nu`` twice and the starts 0 then -pi/2, so that one cosine gives ``cos`` and ``sin``
     of the shift phases. float64 (complex128 for complex-step derivatives) whatever the
     kernels' dtype: the matrices are tiny, and so a float32 chain of 18 shears stays within 1e-5.
     """
@@ -44,9 +44,9 @@ def _shift_table(size: int, dtype: torch.dtype, device: torch.device) -> tuple[t
     phase = (2 * math.pi) * (index[:, None] - index[None, :])[..., None] * freq
     basis = (torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1) / size).reshape(size * size, 2 * size).T
     slopes = (2 * math.pi) * torch.cat([freq, freq])
-    offsets = torch.cat([torch.zeros(size), torch.full((size,), math.pi / 2)]).to(torch.float64)
+    starts = torch.cat([torch.zeros(size), torch.full((size,), -math.pi / 2)]).to(torch.float64)
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    return tuple(t.to(device, dtype).contiguous() for t in (slopes, offsets, basis, coords))
+    return tuple(t.to(device, dtype).contiguous() for t in (slopes, starts, basis, coords))
 
 
 def shift_matrices(shift: torch.Tensor, size: int) -> torch.Tensor:
@@ -66,9 +66,9 @@ def shift_matrices(shift: torch.Tensor, size: int) -> torch.Tensor:
     # cos(a - b) = cos a cos b + sin a sin b: only the (..., 2k) phases of the shifts are
     # computed, against the cached table: three operations whatever the number of shifts.
     wide = shift if shift.is_complex() else shift.to(torch.float64)
-    slopes, offsets, basis, _ = _shift_table(size, wide.dtype, wide.device)
-    waves = torch.cos(torch.addcmul(-offsets, wide[..., None], slopes))
-    return (waves @ basis).reshape(*shift.shape, size, size).to(shift.dtype)
+    slopes, starts, basis, _ = _shift_table(size, wide.dtype, wide.device)
+    waves = torch.cos(torch.addcmul(starts, wide.reshape(-1, 1), slopes))
+    return torch.mm(waves, basis).view(*shift.shape, size, size).to(shift.dtype)
 
 
 def fourier_shift(kernels: torch.Tensor, shift: torch.Tensor | float, dim: int) -> torch.Tensor:

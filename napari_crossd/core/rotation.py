@@ -33,14 +33,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fourier import apply_line_matrices, line_matrices, plane_rotation_amounts
+from .fourier import apply_line_matrices, line_matrices
 
 __all__ = [
     "axis_angle_to_matrix",
     "pad_kernels",
     "quaternion_to_matrix",
     "rotate_kernels",
-    "rotation_operator",
 ]
 
 
@@ -120,19 +119,6 @@ def _quarter_turn_sources(size: int, device: torch.device) -> torch.Tensor:
     return flat.to(device)
 
 
-def _quaternion_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Hamilton product, scalar first: the rotation ``left`` after ``right``."""
-    w1, v1 = left[..., :1], left[..., 1:]
-    w2, v2 = right[..., :1], right[..., 1:]
-    scalar = w1 * w2 - (v1 * v2).sum(-1, keepdim=True)
-    vector = w1 * v2 + w2 * v1 + torch.linalg.cross(v1, v2, dim=-1)
-    return torch.cat([scalar, vector], dim=-1)
-
-
-def _conjugate(quaternion: torch.Tensor) -> torch.Tensor:
-    return torch.cat([quaternion[..., :1], -quaternion[..., 1:]], dim=-1)
-
-
 @functools.cache
 def _quarter_turn_quaternions() -> torch.Tensor:
     """(24, 4) unit quaternions of :func:`_quarter_turns` (Shepperd's method, exact here)."""
@@ -156,27 +142,16 @@ def _quarter_turn_quaternions() -> torch.Tensor:
     return torch.stack(quaternions)
 
 
-def _euler_dhw(rotation: torch.Tensor) -> torch.Tensor:
-    """Angles (a, b, c) with ``rotation = R_w(c) R_h(b) R_d(a)``; (R, 3, 3) -> (R, 3)."""
-    about_d = torch.atan2(rotation[:, 2, 1], rotation[:, 2, 2])
-    about_h = torch.asin((-rotation[:, 2, 0]).clamp(-1.0, 1.0))
-    about_w = torch.atan2(rotation[:, 1, 0], rotation[:, 0, 0])
-    return torch.stack([about_d, about_h, about_w], dim=-1)
-
-
 # The plane turned by a positive rotation about d, h and w.
 _PLANES = ((-2, -1), (-1, -3), (-3, -2))
 
 
-def _as_quaternions(rotation: torch.Tensor) -> torch.Tensor:
+def _check_rotation(rotation: torch.Tensor) -> None:
     if rotation.ndim != 2 or rotation.shape[-1] not in (3, 4):
         raise ValueError(
             "rotation must have shape (R, 3) (axis-angle, radians, (d, h, w) order) or (R, 4) "
             f"(unit quaternions, scalar first); got {tuple(rotation.shape)}"
         )
-    if rotation.shape[-1] == 4:
-        return F.normalize(rotation, dim=-1)
-    return _axis_angle_to_quaternion(rotation)
 
 
 def pad_kernels(kernels: torch.Tensor, support: int) -> torch.Tensor:
@@ -234,8 +209,11 @@ def rotate_kernels(
             f"kernel size {size} is even: a rotation needs a central voxel. Pass support={size + 1} "
             "to zero-pad to an odd size (see pad_kernels for the trade-off)"
         )
+    _check_rotation(rotation)
     compute_dtype = kernels.dtype if kernels.dtype in (torch.float32, torch.float64) else torch.float32
-    matrices, sources = _decompose(rotation.to(device=kernels.device, dtype=compute_dtype), size)
+    amounts, nearest = _ShearAmounts.apply(rotation.to(kernels.device))
+    matrices = line_matrices(amounts.to(compute_dtype), size)
+    sources = _turn_sources(size, kernels.device)[nearest]
     rotated = kernels.to(compute_dtype).unsqueeze(0)
     for index, (shift_dim, coord_dim) in enumerate(_SHEARS):
         if index == _QUARTER_TURN_AT:
@@ -243,6 +221,8 @@ def rotate_kernels(
             rotated = flat.gather(-1, sources.unsqueeze(1).expand_as(flat)).reshape(rotated.shape)
         rotated = apply_line_matrices(rotated, matrices[:, index], shift_dim, coord_dim)
     return rotated.to(kernels.dtype)
+
+
 
 
 # The decomposition as a sequence, in the order applied: H about w, h, d; the quarter turn;
@@ -253,112 +233,180 @@ _SHEARS = tuple(
     for pair in ((_PLANES[axis][0], _PLANES[axis][1]), (_PLANES[axis][1], _PLANES[axis][0]), _PLANES[axis])
 )
 _QUARTER_TURN_AT = 9
-
-
-def _decompose(rotation: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 18 shears and the quarter turn of each rotation (see the module docstring).
-
-    Returns:
-        (R, 18, k, k, k) shift matrices per shear (line coordinate, out, in), in the order of
-        :data:`_SHEARS`, and (R, k^3) flat source voxels of each rotation's quarter turn.
-    """
-    target = _as_quaternions(rotation)
-    turns = _quarter_turn_quaternions().to(device=target.device, dtype=target.dtype)
-    with torch.no_grad():
-        nearest = (target @ turns.T).abs().argmax(dim=-1)
-    turn = turns[nearest]
-    residual = _quaternion_product(_conjugate(turn), target)
-    residual = residual * torch.where(residual[:, :1] < 0, -1.0, 1.0)
-    half = F.normalize(residual + torch.eye(1, 4, dtype=residual.dtype, device=residual.device), dim=-1)
-    left = _quaternion_product(_quaternion_product(turn, half), _conjugate(turn))
-    half_matrix, left_matrix = quaternion_to_matrix(torch.stack([half, left]))
-    # H = R_d(a) R_h(b) R_w(c) exactly when H^T = R_w(-c) R_h(-b) R_d(-a): one Euler solver.
-    angles = _euler_dhw(torch.cat([half_matrix.transpose(-1, -2), left_matrix]))
-    half_angles, left_angles = -angles[: len(half)].flip(-1), angles[len(half) :]
-    amounts = plane_rotation_amounts(torch.cat([half_angles, left_angles], dim=-1))
-    return line_matrices(amounts, size).flatten(1, 2), _quarter_turn_sources(size, rotation.device)[nearest]
+# The Euler quantities, as quadratic forms of a quaternion (entries of its rotation matrix
+# times n = |q|^2), then rho_d = hypot(R21, R22) and rho_w = hypot(R10, R00).
+_TERMS = ("R21", "R22", "R10", "R00", "-R20", "n", "rho_d", "rho_w")
+# Per plane angle phi = atan2(y, x) with rho = hypot(x, y): sin(phi) = y / rho and
+# tan(phi / 2) = y / (rho + x); about h, sin = v / n and tan(phi / 2) = v / (n + rho_d).
+_RATIOS = {  # name: (numerator, denominator terms)
+    "tan_d": ("R21", ("rho_d", "R22")), "sin_d": ("R21", ("rho_d",)),
+    "tan_h": ("-R20", ("n", "rho_d")), "sin_h": ("-R20", ("n",)),
+    "tan_w": ("R10", ("rho_w", "R00")), "sin_w": ("R10", ("rho_w",)),
+}
 
 
 @functools.cache
-def _dense_shear_layout(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each shear's line-matrix entries sit in its dense (k^3, k^3) matrix.
+def _amount_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(16, 36): the terms of H^T's and S's quaternions -> numerators and denominators of the 18 amounts.
 
-    Returns (18, k^3, k^3) indices into the flattened (k, k, k) line matrices and a 0/1
-    mask: ``dense[X, Y] = lines[x_b, x_a, y_a]`` where X and Y agree off the shift axis a.
+    Each plane angle t gives the shears (-tan(t/2), sin t, -tan(t/2)); H's angles are the
+    negated ones of H^T (whose quaternion is used), S's its own.
     """
-    axis = torch.arange(size)
-    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-    out, into = grid[:, None, :], grid[None, :, :]  # X (rows) and Y (columns)
-    indices, masks = [], []
-    for shift_dim, coord_dim in _SHEARS:
-        a, b = shift_dim + 3, coord_dim + 3
-        indices.append((out[..., b] * size + out[..., a]) * size + into[..., a])
-        masks.append(((out == into).sum(-1) - (out[..., a] == into[..., a]).long()) == 2)
-    return torch.stack(indices).to(device), torch.stack(masks).to(device)
+    matrix = torch.zeros(2, len(_TERMS), 2, len(_SHEARS), dtype=torch.float64)
+    column = 0
+    for quaternion, sign, axes in ((0, -1.0, "whd"), (1, 1.0, "dhw")):
+        for axis in axes:
+            for kind, amount_sign in (("tan", -sign), ("sin", sign), ("tan", -sign)):
+                numerator, denominator = _RATIOS[f"{kind}_{axis}"]
+                matrix[quaternion, _TERMS.index(numerator), 0, column] = amount_sign
+                for term in denominator:
+                    matrix[quaternion, _TERMS.index(term), 1, column] = 1.0
+                column += 1
+    return matrix.reshape(2 * len(_TERMS), -1).to(device, dtype)
 
 
-def _rotate_flat_small(vectors: torch.Tensor, rotation: torch.Tensor, size: int) -> torch.Tensor:
-    """:func:`rotate_kernels` of flattened small kernels, (M, k^3) -> (R, M, k^3), shears as matrices.
+@functools.cache
+def _euler_forms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constants of the decomposition: each Euler quantity is a quadratic form of (w, 2v, 1).
 
-    Each shear of a k <= 5 kernel becomes one (k^3, k^3) matrix, all 18 built from their line
-    matrices in one gather, each applied as one batched product: ~20 operations where the
-    shear steps of :func:`rotate_kernels` take ~100, at sizes where the operation count is
-    the cost (dispatch on a CPU, launches on a GPU).
-    """
-    lines, sources = _decompose(rotation, size)
-    index, mask = _dense_shear_layout(size, rotation.device)
-    shears = torch.arange(len(_SHEARS), device=rotation.device)[:, None, None]
-    dense = lines.flatten(2)[:, shears, index] * mask  # (R, 18, k^3, k^3)
-    vectors = vectors.expand(len(sources), *vectors.shape)
-    for position, shear_matrix in enumerate(dense.unbind(1)):
-        if position == _QUARTER_TURN_AT:
-            vectors = vectors.gather(-1, sources[:, None, :].expand_as(vectors))
-        vectors = vectors @ shear_matrix.transpose(-1, -2)
-    return vectors
-
-
-# rotation_operator turns the shears of kernels up to this size into matrices. At 7 the
-# dense shears (18 x 343^2 per rotation) cost more than the shear steps they replace.
-DENSE_UP_TO = 5
-
-
-def _inverse(rotation: torch.Tensor) -> torch.Tensor:
-    if rotation.shape[-1] == 3:
-        return -rotation
-    return torch.cat([rotation[..., :1], -rotation[..., 1:]], dim=-1)
-
-
-def rotation_operator(
-    rotation: torch.Tensor,
-    kernel_size: int,
-    *,
-    central_plane: bool = False,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """The rotation as matrices: ``rotate_kernels(U, rotation)`` flattened == ``M @ U.flatten()``.
-
-    A rotated kernel is linear in the kernel, so each rotation is a (k^3, k^3) matrix — or,
-    for the 2D forward of Cross-D Conv, its (k^2, k^3) rows of the central plane d = k//2.
-    M is orthogonal and ``rotate_kernels`` inverts exactly, so row p of M is the unit kernel
-    e_p rotated by the inverse rotation: only the k^2 central-plane units are rotated for the
-    2D operator. Agrees with :func:`rotate_kernels` to rounding and is differentiable in
-    ``rotation``. Applying it is one matrix product over a whole kernel bank, far cheaper
-    than shearing the bank itself.
-
-    Args:
-        rotation: (R, 3) axis-angle or (R, 4) quaternions, as in :func:`rotate_kernels`.
-        kernel_size: odd k.
-        central_plane: keep only the rows of the central (h, w) plane.
-        dtype, device: of the result (``device`` defaults to that of ``rotation``).
+    The rotation's quaternion (w, v) comes as (w, 2v) (see :func:`_quaternion_coordinates`).
+    For the 48 (quarter turn t, sign) pairs, the quaternions of H^T and S are linear in it:
+    the residual is p = +-conj(t) q, its square root's direction is h = p + 1 (normalising
+    is unnecessary: every shear amount is a ratio of forms of equal degree), H^T's
+    quaternion is conj(h) and S's is t h conj(t). Rotation-matrix entries are quadratic
+    forms of a quaternion, so of (w, 2v, 1).
 
     Returns:
-        (R, k^3, k^3), or (R, k^2, k^3) with ``central_plane``.
+        (48, 5): the 24 quarter-turn quaternions then their negatives, on (w, 2v, 1), whose
+        largest product with the rotation picks the turn and the sign; (48, 25, 12) form
+        coefficients on the flattened outer product of (w, 2v, 1) with itself.
     """
-    device = rotation.device if device is None else torch.device(device)
-    size = kernel_size
-    central = slice(size**2 * (size // 2), size**2 * (size // 2 + 1)) if central_plane else slice(None)
-    units = torch.eye(size**3, dtype=dtype, device=device)[central]
-    if size <= DENSE_UP_TO and size % 2 == 1:
-        return _rotate_flat_small(units, _inverse(rotation).to(device, dtype), size)
-    return rotate_kernels(units.reshape(-1, size, size, size), _inverse(rotation)).flatten(2)
+    turns = _quarter_turn_quaternions()
+    coordinates = torch.diag(torch.tensor([1.0, 0.5, 0.5, 0.5, 1.0], dtype=torch.float64))[:4]  # (w, 2v, 1) -> q
+
+    def left(q):  # the matrix of p -> q p (Hamilton product)
+        w, x, y, z = q.tolist()
+        return torch.tensor([[w, -x, -y, -z], [x, w, -z, y], [y, z, w, -x], [z, -y, x, w]], dtype=torch.float64)
+
+    def right(q):  # p -> p q
+        w, x, y, z = q.tolist()
+        return torch.tensor([[w, -x, -y, -z], [x, w, z, -y], [y, -z, w, x], [z, y, -x, w]], dtype=torch.float64)
+
+    conj = torch.diag(torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=torch.float64))
+    w, x, y, z = range(4)
+    entries = {  # rotation-matrix entries times |q|^2 as quadratic forms
+        "R21": [(y, z, 2), (w, x, 2)], "R22": [(w, w, 1), (x, x, -1), (y, y, -1), (z, z, 1)],
+        "R10": [(x, y, 2), (w, z, 2)], "R00": [(w, w, 1), (x, x, 1), (y, y, -1), (z, z, -1)],
+        "-R20": [(x, z, -2), (w, y, 2)], "n": [(w, w, 1), (x, x, 1), (y, y, 1), (z, z, 1)],
+    }
+    base = torch.zeros(len(entries), 4, 4, dtype=torch.float64)
+    for index, name in enumerate(_TERMS[: len(entries)]):
+        for i, j, value in entries[name]:
+            base[index, i, j] = value
+    shift = torch.eye(1, 4, dtype=torch.float64).T  # h = p + 1
+    augmented = torch.cat([coordinates, torch.eye(5, dtype=torch.float64)[4:]])  # (w, 2v, 1) -> (q, 1)
+    coefficients = []
+    for sign in (1.0, -1.0):
+        for turn in turns:
+            residual = torch.cat([sign * left(conj @ turn), shift], dim=1) @ augmented
+            quaternions = [conj @ residual, left(turn) @ right(conj @ turn) @ residual]  # H^T and S
+            forms = torch.cat([torch.einsum("ai,fab,bj->ijf", m, base, m) for m in quaternions], dim=-1)
+            coefficients.append(forms.reshape(25, -1))
+    signed_turns = torch.cat([turns, -turns]) @ coordinates
+    return signed_turns.to(device, dtype), torch.stack(coefficients).to(device, dtype)
+
+
+@functools.cache
+def _one(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones(1, 1, dtype=dtype, device=device)
+
+
+def _quaternion_coordinates(rotation: torch.Tensor) -> torch.Tensor:
+    """(N, 5) coordinates (w, 2v, 1) of the rotations' quaternions (w, v), analytic in ``rotation``.
+
+    Analytic, so that complex-stepped input gives exact derivatives: axis-angle goes through
+    the squared angle, of which cos(t/2) and sin(t/2)/t are even analytic functions (no norm,
+    which is not analytic at 0 nor for complex input), and 2v = rotvec * sinc(t / (2 pi)).
+    """
+    one = _one(rotation.dtype, rotation.device).expand(len(rotation), 1)
+    squared = torch.bmm(rotation[:, None, :], rotation[:, :, None])
+    if rotation.shape[-1] == 4:
+        scale = torch.tensor([1.0, 2.0, 2.0, 2.0], dtype=rotation.dtype, device=rotation.device)
+        return torch.cat([rotation * (scale / squared[:, 0].sqrt()), one], dim=-1)
+    angle = squared[:, 0].sqrt()
+    return torch.cat([torch.cos(angle * 0.5), rotation * torch.sinc(angle * (0.5 / math.pi)), one], dim=-1)
+
+
+def _shear_amounts(rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 18 shear amounts of each rotation, in :data:`_SHEARS` order, and its quarter turn.
+
+    ``R = S Q H`` (module docstring) in closed form: the nearest quarter turn, then every
+    amount as a ratio of quadratic forms of the quaternion and their hypotenuses (see
+    :func:`_euler_forms`). Real or complex (for complex-step derivatives) ``rotation`` of
+    shape (N, 3) or (N, 4).
+
+    Returns:
+        (N, 18) amounts in the dtype of ``rotation``; (N,) indices of the quarter turns into
+        :func:`_turn_sources`.
+    """
+    coordinates = _quaternion_coordinates(rotation)
+    turns, coefficients = _euler_forms(rotation.dtype, rotation.device)
+    with torch.no_grad():  # the turn, and the sign that puts the residual near the identity
+        choice = (coordinates @ turns.T).real.argmax(dim=-1)
+    outer = coordinates[:, :, None] * coordinates[:, None, :]
+    forms = torch.bmm(outer.view(len(rotation), 1, -1), coefficients[choice]).view(len(rotation), 2, -1)
+    radii = forms[..., :4].unflatten(-1, (2, 2)).square().sum(-1).sqrt()  # rho_d, rho_w
+    ratios = torch.cat([forms, radii], dim=-1).flatten(1) @ _amount_matrix(rotation.dtype, rotation.device)
+    numerators, denominators = ratios.unflatten(-1, (2, -1)).unbind(-2)
+    return numerators / denominators, choice
+
+
+@functools.cache
+def _turn_sources(size: int, device: torch.device) -> torch.Tensor:
+    """(48, k^3) :func:`_quarter_turn_sources` of each choice of :func:`_shear_amounts` (turn, sign)."""
+    return _quarter_turn_sources(size, device).repeat(2, 1)
+
+
+# The imaginary step of complex-step derivatives: f(x + i h) = f(x) + i h f'(x) + O(h^2) with
+# no subtraction, so the derivative is exact to float64 rounding for any small h.
+COMPLEX_STEP = 1e-20
+
+
+@functools.cache
+def _complex_steps(components: int, device: torch.device) -> torch.Tensor:
+    return torch.eye(components, dtype=torch.complex128, device=device) * (COMPLEX_STEP * 1j)
+
+
+def _tangent_rotations(rotation: torch.Tensor) -> torch.Tensor:
+    """(R, C) rotations -> (R * C, C) complex128 copies, copy j stepped by i h along component j."""
+    steps = _complex_steps(rotation.shape[-1], rotation.device)
+    return (rotation.to(torch.complex128)[:, None, :] + steps).flatten(0, 1)
+
+
+class _ShearAmounts(torch.autograd.Function):
+    """:func:`_shear_amounts` of real rotations with their Jacobian from one complex-step pass.
+
+    The decomposition is ~25 small operations; autograd would record and replay all of
+    them. Evaluating it once on the C complex-stepped copies of each rotation gives the
+    amounts (real part) and their exact Jacobian (imaginary part / h) together, and the
+    backward is one product.
+    """
+
+    @staticmethod
+    def forward(ctx, rotation):
+        _check_rotation(rotation)
+        if not ctx.needs_input_grad[0]:
+            amounts, nearest = _shear_amounts(rotation.to(torch.float64))
+            return amounts.to(rotation.dtype), nearest
+        components = rotation.shape[-1]
+        stepped, nearest = _shear_amounts(_tangent_rotations(rotation))
+        stepped = stepped.view(len(rotation), components, -1)
+        ctx.save_for_backward((stepped.imag / COMPLEX_STEP).to(rotation.dtype))  # (R, C, 18)
+        nearest = nearest[::components]
+        ctx.mark_non_differentiable(nearest)
+        return stepped[:, 0].real.to(rotation.dtype), nearest
+
+    @staticmethod
+    def backward(ctx, grad_amounts, _):
+        (jacobian,) = ctx.saved_tensors
+        return (jacobian @ grad_amounts[..., None])[..., 0]
