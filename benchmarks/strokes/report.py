@@ -23,6 +23,11 @@ def _pm(values, digits: int = 3) -> str:
     return f"{np.nanmean(values):.{digits}f} +- {np.nanstd(values):.{digits}f}"
 
 
+def _order(arm: str) -> tuple:
+    """Baselines first, then the default, then the other arms of ours."""
+    return (arm not in BASELINES, arm != "default", arm)
+
+
 def _name(arm: str) -> str:
     return NAMES.get(arm, f"(d) ours, {arm.replace('-', ' weights, ', 1)}")
 
@@ -49,13 +54,15 @@ def task_table(task: str, arms: dict) -> list[str]:
     first = next(iter(arms.values()))[0]
     names = first["class_names"]
     head = ["arm", "seeds", *(f"Dice {s}" for s in SETS), *(f"{c} (all)" for c in names),
-            "Train -> labels (s)", "corrective gain", "retrain (s)", "retrain -> labels (s)"]
+            "Train -> labels (s)", "(CPU s)", "corrective gain", "retrain (s)", "retrain -> labels (s)"]
     lines = [f"### {task}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for arm, results in arms.items():
+    for arm in sorted(arms, key=_order):
+        results = arms[arm]
         cells = [_name(arm), str(len(results))]
         cells += [_pm([r["round1"][s]["mean"] for r in results]) for s in SETS]
         cells += [_pm([r["round1"]["all"]["classes"][str(i + 1)] for r in results]) for i in range(len(names))]
         cells += [f"{_mean(results, 'seconds', 'train_to_labels'):.1f}",
+                  f"{_mean(results, 'seconds', 'cpu_train_to_labels'):.0f}",
                   _pm([r["round2"]["gain"] for r in results]),
                   f"{_mean(results, 'seconds', 'refit'):.1f}", f"{_mean(results, 'seconds', 'refit_to_labels'):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -69,7 +76,7 @@ def task_table(task: str, arms: dict) -> list[str]:
 def summary(runs: dict, tasks) -> list[str]:
     """Mean over the context tasks, and the targets the lead checks, from the numbers above."""
     context = [t for t in runs if t in tasks and tasks[t].context]
-    arms = sorted({a for t in context for a in runs[t]}, key=lambda a: (a not in BASELINES, a != "default", a))
+    arms = sorted({a for t in context for a in runs[t]}, key=_order)
     lines = ["## Mean over the context tasks", "", f"Tasks: {', '.join(context)}. Mean over classes, then seeds, "
              "then tasks (only arms run on all of them).", "", "| arm | " + " | ".join(f"Dice {s}" for s in SETS)
              + " | corrective gain |", "|---" * 5 + "|"]
@@ -104,7 +111,9 @@ def targets(runs: dict, context_means: dict) -> list[str]:
             forest = arms.get("filters-forest")
             gain, refit = _mean(d, "round2", "gain"), _mean(d, "seconds", "refit")
             versus = f", forest's {_mean(forest, 'round2', 'gain'):+.3f}" if forest else ""
-            lines.append(f"- {task}: Train -> labels {_mean(d, 'seconds', 'train_to_labels'):.1f} s (<= 60 s for "
+            size = "x".join(str(n) for n in d[0]["shape"])
+            lines.append(f"- {task} ({size}): Train -> labels {_mean(d, 'seconds', 'train_to_labels'):.1f} s wall, "
+                         f"{_mean(d, 'seconds', 'cpu_train_to_labels'):.0f} CPU s (target <= 60 s on 2 cores for "
                          f"~200^3); corrective gain {gain:+.3f}{versus}; retrain {refit:.1f} s (<= 10 s)")
     return lines
 
@@ -113,8 +122,10 @@ def write_report(raw: Path, out: Path, tasks, quick: bool = False) -> None:
     runs = load(raw)
     if not runs:
         return
-    any_result = next(iter(next(iter(runs.values())).values()))[0]
-    m = any_result["machine"]
+    every = [r for arms in runs.values() for results in arms.values() for r in results]
+    m = every[0]["machine"]
+    engines = sorted({r["machine"].get("engine", "?") for r in every})
+    dates = sorted(r["date"] for r in every)
     lines = [
         "# Strokes benchmark" + (" (quick crops: a smoke run, not results)" if quick else ""), "",
         "`python benchmarks/strokes/run.py` (protocol: its docstring). Written by the script from results/raw/"
@@ -122,8 +133,10 @@ def write_report(raw: Path, out: Path, tasks, quick: bool = False) -> None:
         " per-class Dice, mean +- std over stroke seeds. near / far: unpainted slices between the first and last"
         " painted slice / beyond them; all: every unpainted slice. Corrective gain: Dice (all, mean over classes)"
         " after the second round minus before, on the slices unpainted in both rounds.", "",
-        f"Machine: {m['platform']}, torch {m['torch']}, {m['torch_threads']} torch threads; CPU shared with other "
-        f"jobs, so times are upper bounds. Forests: scikit-learn RandomForestClassifier({FOREST}), random_state ="
+        f"Machine: {m['platform']}, torch {m['torch']}, {m['torch_threads']} torch threads; runs {dates[0]} .. "
+        f"{dates[-1]}; napari_crossd {'; '.join(engines)}. The 2 CPU cores were shared with other jobs: wall times"
+        " are upper bounds; CPU s (process CPU time) / 2 estimates the wall time on 2 cores of one's own.",
+        f"Forests: scikit-learn RandomForestClassifier({FOREST}), random_state ="
         f" seed; (a) skimage.feature.multiscale_basic_features({FILTERS}) on the whole volume (computed once per "
         "volume and credited to every first Train); (b) levels at strides 2, 4, 8, 16 (16 + 24 + 32 + 96 channels) "
         "bilinearly upsampled per slice, plus the grey value.", "",

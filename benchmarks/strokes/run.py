@@ -6,6 +6,10 @@
 
 Runs every (task, arm, seed) without a result in results/raw/ (one JSON each: a run
 resumes, arms can be added later), then writes results/README.md from all of them.
+Each result records which napari_crossd ran. To measure a commit while the checkout changes:
+``git archive HEAD napari_crossd | tar -x -C /tmp/snap; git rev-parse --short HEAD >
+/tmp/snap/COMMIT; cd /tmp && PYTHONPATH=/tmp/snap python /path/to/benchmarks/strokes/run.py``.
+Delete the JSON files of an arm (``results/raw/*__default__*``) to measure it again.
 
 Protocol, per task and stroke seed: 3 strokes per class (12-step random walks, brush radius
 1, inside the class) on 5 axial slices evenly spaced over the middle 60 % of axis 0
