@@ -141,10 +141,14 @@ def write_report(raw: Path, out: Path, tasks, quick: bool = False) -> None:
         "volume and credited to every first Train); (b) levels at strides 2, 4, 8, 16 (16 + 24 + 32 + 96 channels) "
         "bilinearly upsampled per slice, plus the grey value.", "",
         "## Tasks", "",
-        *(f"- {name}{' (context)' if t.context else ''}: {t.about}. Install: `{t.install}`." for name, t in
-          tasks.items() if name in runs),
+        "Labels are built from what installs offline by the loaders of napari_crossd.datasets (their docstrings"
+        " say exactly how). *Context* tasks: grey values alone cannot separate the classes.", "",
+        *(f"- {name}{' (context)' if t.context else ''}: {t.about}. `datasets.{t.load.__name__}()`; install:"
+          f" `{t.install}`." for name, t in tasks.items() if name in runs),
         "", *summary(runs, tasks), "", "## Per task", "",
     ]
-    for task in runs:
+    for task in sorted(runs, key=list(tasks).index):
         lines += task_table(task, runs[task])
-    out.write_text("\n".join(lines) + "\n")
+    previous = out.read_text() if out.exists() else ""
+    reading = previous[previous.index("\n## Reading"):] if "\n## Reading" in previous else ""  # by hand: kept
+    out.write_text("\n".join(lines) + "\n" + reading)
