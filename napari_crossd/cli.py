@@ -49,7 +49,7 @@ def _info(args: argparse.Namespace) -> None:
 
 
 class _TerminalProgress:
-    """A progress bar per phase on stderr: redrawn in place at most ten times a second on a
+    """A progress bar per phase (:attr:`Progress.phase`) on stderr: redrawn in place at most ten times a second on a
     terminal; elsewhere (logs, CI) one line when a phase starts and one when it ends."""
 
     def __init__(self) -> None:
@@ -58,7 +58,7 @@ class _TerminalProgress:
         self._live = sys.stderr.isatty()
 
     def __call__(self, report) -> None:
-        phase = report.message.split(",")[0].split(":")[0].rstrip("0123456789/ ")
+        phase = report.phase
         new_phase = phase != self._phase
         finished = report.total is not None and report.step >= report.total
         now = time.monotonic()
@@ -136,45 +136,46 @@ def _strided_grid(volume, stride: int):
     return Volume(volume.data, spacing, volume.path, nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), scaled))
 
 
-def _finetune(args: argparse.Namespace) -> None:
+def _read_labels(path: Path, shape: tuple) -> object:
     import numpy as np
 
-    from .engine import Segmenter, finetune_job, load_segmenter, save_segmenter
     from .io import read_volume
 
-    volume = read_volume(args.image, spacing=args.spacing)
-    labels = read_volume(args.labels).data
-    if labels.shape != volume.data.shape:
-        raise ValueError(f"{args.labels.name} has shape {labels.shape}; expected the image's {volume.data.shape}.")
+    labels = read_volume(path).data
+    if labels.shape != shape:
+        raise ValueError(f"{path.name} has shape {labels.shape}; expected the image's {shape}.")
     labels = np.asarray(labels)
     if np.issubdtype(labels.dtype, np.floating):
         if not np.array_equal(labels, np.round(labels)):
-            raise ValueError(f"{args.labels.name} holds non-integer values: expected 0 (not annotated) and 1..N.")
+            raise ValueError(f"{path.name} holds non-integer values: expected 0 (not annotated) and 1..N.")
         labels = labels.astype(np.int64)
+    return labels
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from .engine import Annotations, Segmenter, finetune_job, load_segmenter, save_segmenter
+    from .io import read_volume
+
+    volume = read_volume(args.image, spacing=args.spacing)
+    labels = _read_labels(args.labels, volume.data.shape)
     if Path(args.model).is_dir():
         segmenter = load_segmenter(args.model)
-        print(f"continuing from {args.model} ({segmenter.trained_steps} steps so far)", flush=True)
+        print(f"retraining {args.model} ({segmenter.trained_voxels:,} voxels last time) on {args.labels}", flush=True)
     else:
-        classes = int(labels.max())
-        if classes > 64:
-            raise ValueError(f"{args.labels.name} has labels up to {classes}: expected a few classes (0 = not "
-                             "annotated, 1..N). Is it the image instead of the labels?")
-        names = args.classes or [f"class {i}" for i in range(1, classes + 1)]
-        if len(names) != classes:
-            raise ValueError(f"{len(names)} class names for labels 1..{classes}.")
+        annotations = Annotations.from_labels(labels, volume.data.shape)  # the one label rule: widget, CLI, engine
+        if annotations.num_classes > 64:
+            raise ValueError(f"{args.labels.name} has labels up to {annotations.num_classes}: expected a few classes "
+                             "(0 = not annotated, 1..N). Is it the image instead of the labels?")
+        names = args.classes or [f"class {i}" for i in range(1, annotations.num_classes + 1)]
+        if len(names) != annotations.num_classes:
+            raise ValueError(f"{len(names)} class names for labels 1..{annotations.num_classes}.")
         segmenter = Segmenter(_encoder(args), names, preset=args.preset)
-    job = finetune_job(segmenter, volume.data, labels, spacing=volume.spacing, steps=args.steps, full=args.full,
-                       device=args.device, seed=args.seed)
-    try:
-        summary = _run(job)
-    except KeyboardInterrupt:
-        if segmenter.trained_steps:
-            written = save_segmenter(segmenter, args.out)
-            print(f"\ncancelled: the best model so far is saved in {written[0].parent}", file=sys.stderr)
-        raise
+    job = finetune_job(segmenter, volume.data, labels, spacing=volume.spacing, full=args.full, steps=args.steps,
+                       tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device, seed=args.seed)
+    summary = _run(job)
     written = save_segmenter(segmenter, args.out)
-    print(f"{summary['steps']} steps, best held-out loss {summary['best_loss']:.4f} at step {summary['best_step']}, "
-          f"hypercolumn {segmenter.hypercolumn}; saved to {written[0].parent}")
+    print(f"trained on {summary['voxels']:,} painted voxels of classes {summary['classes']}, "
+          f"{segmenter.describe()}; saved to {written[0].parent}")
 
 
 def _segment(args: argparse.Namespace) -> None:
@@ -195,7 +196,8 @@ def _segment(args: argparse.Namespace) -> None:
     segmenter = load_segmenter(args.model)
     volume = read_volume(args.image, spacing=args.spacing)
     labels, probabilities = _run(segment_job(segmenter, volume.data, spacing=volume.spacing, tile=args.tile,
-                                             overlap=args.overlap, batch=args.batch, device=args.device))
+                                             overlap=args.overlap, batch=args.batch, device=args.device,
+                                             probabilities=args.probabilities is not None))
     written = [write_volume(args.out, labels, volume)]
     if args.probabilities:
         written.append(write_volume(args.probabilities, probabilities, volume))
@@ -289,15 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     features.set_defaults(run=_features)
 
     finetune = commands.add_parser(
-        "finetune", help="train a segmentation head on painted labels (0 = not annotated)",
-        description="Fine-tune on LABELS (same grid as IMAGE; 0 = not annotated, 1..N = classes) and save the "
-                    "model to --out. With --model DIR from an earlier run, training continues from it.",
+        "finetune", help="train a voxel classifier on painted labels (0 = not annotated)",
+        description="Train on LABELS (same grid as IMAGE; 0 = not annotated, 1..N = classes) and save the "
+                    "model to --out: a random forest on each voxel's filter bank and encoder features. With "
+                    "--model DIR from an earlier run, its encoder and settings are retrained on LABELS "
+                    "(pass all strokes, old and new).",
     )
     finetune.add_argument("image", type=Path, help="volume: .nii/.nii.gz, .tif/.tiff or .npy")
     finetune.add_argument("labels", type=Path, help="label volume on the image's grid")
     _volume_arguments(finetune, models)
-    finetune.add_argument("--steps", type=int, default=300, help="most training steps (default 300)")
-    finetune.add_argument("--full", action="store_true", help="fine-tune the encoder too (slower)")
+    finetune.add_argument("--full", action="store_true",
+                          help="first fine-tune the encoder on crops around the strokes (slower; for images "
+                               "unlike anything the weights were trained on)")
+    finetune.add_argument("--steps", type=int, default=150, help="encoder fine-tuning steps with --full (default 150)")
     finetune.add_argument("--classes", nargs="+", metavar="NAME", help="class names, label 1 first")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--out", type=Path, required=True, help="output model directory")

@@ -184,13 +184,15 @@ def run_pipeline(
     lap("features")
     strokes = paint_strokes(truth, slices=5, seed=seed)
     write_labels(str(out / "strokes.nii.gz"), strokes, meta)
-    log(f"fine-tuning {steps} steps on {int((strokes > 0).sum())} painted voxels")
+    log(f"training on {int((strokes > 0).sum())} painted voxels")
     segmenter = Segmenter(model3d, list(MNI_CLASSES))
-    history = run_job(finetune_job(segmenter, image, strokes, spacing=spacing, steps=steps, device=device,
-                                   seed=seed), report)
+    cache = segmenter.features(image, spacing=spacing)  # computed once, read by training and segmentation
+    history = run_job(finetune_job(segmenter, image, strokes, features=cache, spacing=spacing, steps=steps,
+                                   device=device, seed=seed), report)
     lap("finetune")
     log("segmenting")
-    labels, _probabilities = run_job(segment_job(segmenter, image, spacing=spacing, device=device), report)
+    labels, _probabilities = run_job(segment_job(segmenter, image, features=cache, spacing=spacing, device=device,
+                                                 probabilities=False), report)
     labels = np.asarray(labels)
     [segmentation_path] = write_labels(str(out / "segmentation.nii.gz"), labels, meta)
     saved = save_segmenter(segmenter, out / "segmenter")

@@ -21,6 +21,10 @@ class Session:
         device: the device choice (``"auto"``, ``"cpu"``, ...).
         info: what was loaded (architecture, parameters, strategy, keys), for display.
         segmenter: the segmentation model trained or loaded for ``model3d``, or None.
+        features: the voxel features of the image last trained on or predicted
+            (:class:`napari_crossd.engine.VolumeFeatures`): kept so that retraining after
+            more strokes, and predicting, do not compute them again. Replaced when the
+            image, its spacing or the segmenter's encoder or features change.
     """
 
     model2d: object = None
@@ -28,6 +32,14 @@ class Session:
     device: str = "auto"
     info: dict = field(default_factory=dict)
     segmenter: object = None
+    features: object = None
+
+    def features_for(self, segmenter, volume, spacing):
+        """The cached features of ``volume`` for ``segmenter``, or new ones (then cached)."""
+        cached = self.features
+        if cached is None or not cached.serves(volume, segmenter.encoder, segmenter.spec, spacing, None):
+            self.features = segmenter.features(volume, spacing=spacing)
+        return self.features
 
     def require_model(self):
         """The 3D network, or a ValueError telling the user to load one."""

@@ -1,4 +1,4 @@
-"""Fine-tune widget: paint strokes, train a segmentation head with a live loss curve, predict, save."""
+"""Fine-tune widget: paint strokes, train the voxel classifier, predict, paint corrections, retrain, save."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ __all__ = ["FinetuneWidget"]
 
 
 class FinetuneWidget(Container):
-    """Train on a Labels layer of strokes (0 = not annotated, 1..N classes); retraining continues."""
+    """Train on a Labels layer of strokes (0 = not annotated, 1..N classes).
+
+    Train fits a random forest on the painted voxels' features (filter bank and encoder
+    levels, computed once per image and kept in the session); after more strokes, Train
+    again refits on all of them in a second or two. "Also fine-tune the encoder" first
+    adapts the encoder itself on crops around the strokes (its loss is plotted): for images
+    unlike anything the weights have seen, at the price of computing every feature again.
+    """
 
     def __init__(self, napari_viewer) -> None:
         import napari
@@ -24,8 +31,8 @@ class FinetuneWidget(Container):
         self.image = LayerPicker(napari_viewer, napari.layers.Image, "image")
         self.strokes = LayerPicker(napari_viewer, napari.layers.Labels, "strokes")
         self.new_strokes_button = PushButton(text="New strokes layer")
-        self.steps = SpinBox(label="steps", value=100, min=1, max=100_000)
-        self.full = CheckBox(text="also train the encoder (slower)", value=False)
+        self.full = CheckBox(text="also fine-tune the encoder (slow; for unfamiliar images)", value=False)
+        self.steps = SpinBox(label="encoder steps", value=150, min=1, max=100_000)
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.predict_button = PushButton(text="Predict")
@@ -34,11 +41,11 @@ class FinetuneWidget(Container):
         self.load_button = PushButton(text="Load model")
         self.status = Label(value="paint classes 1..N in a strokes layer, then Train")
         super().__init__(widgets=[
-            self.image, self.strokes, self.new_strokes_button, self.steps, self.full,
+            self.image, self.strokes, self.new_strokes_button, self.full, self.steps,
             self.train_button, self.cancel_button, self.predict_button,
             self.folder, self.save_button, self.load_button, self.status,
         ])
-        self.loss_plot = CurvePlot("training loss")
+        self.loss_plot = CurvePlot("encoder fine-tuning loss")
         self.native.layout().insertWidget(7, self.loss_plot)
         self.runner = JobRunner(on_busy=self._busy)
         self.new_strokes_button.changed.connect(self.new_strokes)
@@ -48,7 +55,7 @@ class FinetuneWidget(Container):
         self.save_button.changed.connect(self.save)
         self.load_button.changed.connect(self.load)
         self.losses: list[float] = []
-        self.total_steps: int | None = None  # the engine's step count (steps x candidate heads)
+        self.phase = ""  # the running job's phase (Progress.phase)
 
     def _busy(self, busy: bool) -> None:
         for button in (self.train_button, self.predict_button, self.save_button, self.load_button):
@@ -85,25 +92,20 @@ class FinetuneWidget(Container):
         from napari_crossd.engine import Segmenter
 
         current = self.session.segmenter
-        if current is not None and current.num_classes == classes:
-            return current  # warm start: continue from the last model
+        if current is not None and current.num_classes >= classes and current.encoder is self.session.model3d:
+            return current  # the same model: its features of this image are cached
         return Segmenter(self.session.model3d, list(names) if names else classes)
 
     def train(self, _=None):
+        from napari_crossd.engine import Annotations
+
         try:
             layer, strokes = self._inputs()
             labels = np.array(strokes.data)  # a snapshot: painting may go on while training runs
-            classes = int(labels.max())
-            if classes < 2:
-                raise ValueError(f"strokes layer {strokes.name!r} has {'no' if classes == 0 else 'one'} class: "
-                                 "paint at least two classes (labels 1 and 2)")
-            missing = sorted(set(range(1, classes + 1)) - set(np.unique(labels).tolist()))
-            if missing:
-                raise ValueError(f"strokes use classes up to {classes} but none of {missing}: "
-                                 "classes must be 1..N without gaps")
+            annotations = Annotations.from_labels(labels)  # the engine's label rule, checked before starting
             names = strokes.metadata.get("class_names")
-            names = names if names and len(names) == classes else None
-            segmenter = self._segmenter_for(classes, names)
+            names = names if names and len(names) == annotations.num_classes else None
+            segmenter = self._segmenter_for(annotations.num_classes, names)
         except ValueError as err:
             self.runner.fail(str(err))
             return None
@@ -112,29 +114,30 @@ class FinetuneWidget(Container):
         volume = volume_data(layer)
         spacing = tuple(float(s) for s in layer.scale[-3:])
         steps, full, device = self.steps.value, self.full.value, self.session.device
+        features = self.session.features_for(segmenter, volume, spacing)
         self.losses = []
         self.loss_plot.clear()
 
         def progress(report) -> None:
-            self.total_steps = report.total
-            if report.loss is not None:
+            self.phase = report.phase
+            if report.phase == "encoder" and report.loss is not None:
                 self.losses.append(float(report.loss))
                 self.loss_plot.append(report.loss)
 
-        def done(_result) -> None:
+        def done(result) -> None:
             self.session.segmenter = segmenter
             self.events.segmenter_changed.emit(segmenter)
-            last = f", last loss {self.losses[-1]:.4f}" if self.losses else ""
-            self.status.value = f"trained {len(self.losses)} steps on {int((labels > 0).sum()):,} voxels{last}"
+            tuned = f"; encoder fine-tuned {result['encoder']['steps']} steps" if result["encoder"] else ""
+            self.status.value = (f"trained on {result['voxels']:,} painted voxels, classes {result['classes']}, "
+                                 f"{result['channels']} features{tuned}")
 
         def make():
-            return finetune_job(segmenter, volume, labels, spacing=spacing, steps=steps, full=full, device=device)
+            return finetune_job(segmenter, volume, labels, features=features, spacing=spacing, steps=steps,
+                                full=full, device=device)
 
         def cancelled() -> None:
-            # The segmenter holds the best model so far: keep it for Predict and retraining.
-            if self.losses:
-                self.session.segmenter = segmenter
-                self.status.value = f"cancelled after {len(self.losses)} steps; the best model so far is kept"
+            # Training changes the segmenter only once it is complete: the last model stays.
+            self.status.value = "training cancelled; the previous model (if any) is kept"
 
         return self.runner.start(make, done, "Fine-tune", on_progress=progress, on_cancel=cancelled)
 
@@ -152,6 +155,7 @@ class FinetuneWidget(Container):
         segmenter, volume = self.session.segmenter, volume_data(layer)
         spacing = tuple(float(s) for s in layer.scale[-3:])
         device = self.session.device
+        features = self.session.features_for(segmenter, volume, spacing)
 
         def done(result) -> None:
             labels, _probabilities = result
@@ -159,8 +163,8 @@ class FinetuneWidget(Container):
             self.viewer.add_labels(np.asarray(labels), **kwargs)
             self.status.value = f"segmentation {tuple(labels.shape)} added"
 
-        return self.runner.start(lambda: segment_job(segmenter, volume, spacing=spacing, device=device),
-                                 done, "Predict")
+        return self.runner.start(lambda: segment_job(segmenter, volume, features=features, spacing=spacing,
+                                                     device=device, probabilities=False), done, "Predict")
 
     def _folder(self) -> str:
         value = str(self.folder.value) if self.folder.value else ""

@@ -83,7 +83,9 @@ class RunWidget(Container):
         from napari_crossd.engine import segment_job
 
         segmenter = self.session.segmenter
-        return self.runner.start(lambda: segment_job(segmenter, volume, spacing=spacing, device=device),
+        features = self.session.features_for(segmenter, volume, spacing) if segmenter is not None else None
+        return self.runner.start(lambda: segment_job(segmenter, volume, features=features, spacing=spacing,
+                                                     device=device, probabilities=False),
                                  lambda result: self._add_segmentation(layer, *result), "Segment")
 
     def _add_features(self, source, rgb, stack, limits) -> None:

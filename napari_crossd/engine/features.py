@@ -92,21 +92,19 @@ def _grid_axes(shape: Sequence[int], stride: int) -> list[torch.Tensor]:
     return [torch.clamp(torch.arange(0, n, stride, dtype=torch.float32) + (stride - 1) / 2, max=n - 1) for n in shape]
 
 
-def hypercolumn_slabs(
-    pyramid: Pyramid, stride: int, intensity: bool, depth: int | None = None, transform=None, smoothed: bool = False
-):
+def hypercolumn_slabs(pyramid: Pyramid, stride: int, intensity: bool, depth: int | None = None, transform=None):
     """Yield ``(index, count, z_slice, block)`` over the output grid, a slab at a time.
 
     ``block`` holds the hypercolumns ``(C, z, Y', X')`` (see :meth:`Pyramid.sample`), or
     ``transform`` of them; ``count`` is the number of slabs.
     """
     z, y, x = _grid_axes(pyramid.source_shape, stride)
-    per_slice = pyramid.channels(intensity, depth, smoothed) * len(y) * len(x)
+    per_slice = pyramid.channels(intensity, depth) * len(y) * len(x)
     thickness = max(1, SLAB_VALUES // per_slice)
     count = math.ceil(len(z) / thickness)
     for index, start in enumerate(range(0, len(z), thickness)):
         axes = (z[start : start + thickness], y, x)
-        block = pyramid.sample_grid(axes, intensity=intensity, depth=depth, smoothed=smoothed)
+        block = pyramid.sample_grid(axes, intensity=intensity, depth=depth)
         yield index, count, slice(start, start + thickness), block if transform is None else transform(block)
 
 
@@ -120,7 +118,7 @@ def _features(
     features = np.empty((pyramid.channels(), *out_shape), dtype=np.float32)
     for index, count, z, block in hypercolumn_slabs(pyramid, stride, intensity=False):
         features[:, z] = block.numpy()
-        yield Progress(index + 1, count, f"hypercolumns, slab {index + 1}/{count}")
+        yield Progress(index + 1, count, f"hypercolumns, slab {index + 1}/{count}", phase="hypercolumns")
     return features
 
 
@@ -192,10 +190,11 @@ def features_job(
 
 
 def lazy_blocks(
-    volume: da.Array, channels: int, compute: Callable[[np.ndarray], np.ndarray], dtype=np.float32
+    volume: da.Array, channels: int, compute: Callable[[np.ndarray], np.ndarray], dtype=np.float32,
+    halo: int = DASK_HALO,
 ) -> da.Array:
     """``compute`` (a (Z, Y, X) block -> (channels, Z, Y, X)) mapped over ``volume`` with a halo, lazily."""
-    depth = {axis: min(DASK_HALO, *(c for c in volume.chunks[axis])) for axis in range(3)}
+    depth = {axis: min(halo, *(c for c in volume.chunks[axis])) for axis in range(3)}
     padded = da.overlap.overlap(volume, depth=depth, boundary="none")
     out = padded.map_blocks(compute, new_axis=0, chunks=((channels,), *padded.chunks), dtype=dtype)
     return da.overlap.trim_internal(out, {0: 0, 1: depth[0], 2: depth[1], 3: depth[2]}, boundary="none")

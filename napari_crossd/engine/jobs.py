@@ -24,13 +24,17 @@ class Progress:
         step: steps done so far (tiles, training steps, slabs).
         total: steps the job expects in this phase, or None when unknown.
         message: what is happening, for a progress bar or a log line.
-        loss: the training loss of this step (fine-tuning only).
+        loss: the training loss of this step (encoder fine-tuning only).
+        phase: what kind of work this is, for displays that treat phases differently:
+            ``"encode"`` (encoder tiles), ``"features"``, ``"hypercolumns"``, ``"fit"``,
+            ``"encoder"`` (encoder fine-tuning), ``"predict"``, or ``""`` (anything else).
     """
 
     step: int
     total: int | None
     message: str
     loss: float | None = None
+    phase: str = ""
 
 
 Job = Generator[Progress, None, T]

@@ -20,6 +20,7 @@ tissue, hardly count where another tile covers them.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .devices import autocast, is_out_of_memory, release_memory
+from .filters import FILTER_SETS, filter_bank
 from .jobs import Job, Progress
 from .normalize import IntensityStats, network_input, unit_intensity
 
@@ -42,7 +44,7 @@ __all__ = [
     "encode_job",
     "forward_levels",
     "input_channels",
-    "smoothed_copies",
+    "network_on",
     "spacing_scale",
 ]
 
@@ -94,6 +96,16 @@ def forward_levels(model: nn.Module, x: torch.Tensor, levels: Sequence[int]) -> 
         for handle in handles:
             handle.remove()
     return [outputs[name] for name in names]
+
+
+def network_on(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself when it is in eval mode with every tensor on ``device``, else an
+    eval-mode copy there: a job never moves or retrains a network that others share."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not model.training and all(t.device == device for t in tensors):
+        return model
+    copy_ = copy.deepcopy(model).eval()
+    return copy_.to(device)
 
 
 def default_levels(model: nn.Module, max_stride: int = 8) -> list[int]:
@@ -165,8 +177,8 @@ class Pyramid:
         origin: encoded-grid position of the first voxel of ``levels`` and ``intensity``
             (not zero for a crop of the volume).
         stats: the intensity statistics ``intensity`` was normalised with.
-        smoothed: ``(K, Z_p, Y_p, X_p)`` Gaussian-smoothed copies of ``intensity`` (see
-            :meth:`with_smoothing`), or None.
+        filters: ``(K, Z_p, Y_p, X_p)`` filter-bank responses of ``intensity`` (see
+            :meth:`with_filters`), or None.
     """
 
     levels: list[torch.Tensor]
@@ -176,15 +188,15 @@ class Pyramid:
     scale: tuple[float, float, float]
     origin: tuple[int, int, int] = (0, 0, 0)
     stats: IntensityStats | None = None
-    smoothed: torch.Tensor | None = None
+    filters: torch.Tensor | None = None
 
     @property
     def padded_shape(self) -> tuple[int, int, int]:
         return tuple(self.intensity.shape)
 
-    def channels(self, intensity: bool = False, depth: int | None = None, smoothed: bool = False) -> int:
+    def channels(self, intensity: bool = False, depth: int | None = None, filters: bool = False) -> int:
         """Length of a hypercolumn from :meth:`sample` with the same arguments."""
-        return sum(m.shape[0] for m in self._maps(intensity, depth, smoothed))
+        return sum(m.shape[0] for m in self._maps(intensity, depth, filters))
 
     def _grid(self, points: torch.Tensor) -> torch.Tensor:
         # Source voxel o -> encoded coordinate e = (o + 0.5) * scale - 0.5 - origin ->
@@ -197,62 +209,79 @@ class Pyramid:
         normalised = 2 * ((points.to(device).float() + 0.5) * scale - origin) / padded - 1
         return normalised.flip(-1)  # grid_sample wants (x, y, z)
 
-    def with_smoothing(self, sigmas: Sequence[float]) -> Pyramid:
-        """This (whole-volume) pyramid with :attr:`smoothed` grey values at ``sigmas`` (encoded voxels).
+    def with_filters(self, sigmas: Sequence[float], sets: Sequence[str] = FILTER_SETS) -> Pyramid:
+        """This pyramid with :attr:`filters`: the filter bank of :attr:`intensity` at ``sigmas``
+        (encoded voxels; see :mod:`.filters`), without its repeated grey-value channel.
 
-        The grey values are smoothed on the encoded grid without its zero padding (borders:
-        nearest voxel), then padded like :attr:`intensity`.
+        The bank runs on the encoded grid without its zero padding (borders: nearest voxel),
+        and its responses are padded like :attr:`intensity`.
         """
         encoded = _encoded_shape(self.source_shape, self.scale)
         unit = self.intensity[tuple(slice(0, n) for n in encoded)]
-        return replace(self, smoothed=F.pad(smoothed_copies(unit, sigmas), _far_padding(encoded, self.padded_shape)))
+        bank = filter_bank(unit, sigmas, sets)[1:]
+        return replace(self, filters=F.pad(bank, _far_padding(encoded, self.padded_shape)))
 
-    def _maps(self, intensity: bool, depth: int | None, smoothed: bool) -> list[torch.Tensor]:
-        if smoothed and self.smoothed is None:
-            raise ValueError("This pyramid has no smoothed grey values: make them with Pyramid.with_smoothing.")
+    def _maps(self, intensity: bool, depth: int | None, filters: bool) -> list[torch.Tensor]:
+        if filters and self.filters is None:
+            raise ValueError("This pyramid has no filter responses: make them with Pyramid.with_filters.")
         levels = self.levels if depth is None else self.levels[:depth]
         maps = [self.intensity[None]] if intensity else []
-        if smoothed:
-            maps.append(self.smoothed)
+        if filters:
+            maps.append(self.filters)
         return maps + levels
 
-    def _interpolate(self, points: torch.Tensor, intensity: bool, depth: int | None, smoothed: bool) -> torch.Tensor:
+    def _interpolate(self, points: torch.Tensor, intensity: bool, depth: int | None, filters: bool) -> torch.Tensor:
         """Hypercolumns ``(C, *points.shape[:-1])`` at source-grid points ``(Z', Y', X', 3)``."""
         grid = self._grid(points)[None]
         return torch.cat(
             [
                 F.grid_sample(m[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-                for m in self._maps(intensity, depth, smoothed)
+                for m in self._maps(intensity, depth, filters)
             ]
         )
 
     def sample(
-        self, points: torch.Tensor, intensity: bool = False, depth: int | None = None, smoothed: bool = False
+        self, points: torch.Tensor, intensity: bool = False, depth: int | None = None, filters: bool = False
     ) -> torch.Tensor:
         """Hypercolumns ``(P, C)`` at source-grid points ``(P, 3)`` (Z, Y, X, may be fractional).
 
-        In order: the normalised grey value (with ``intensity``), its smoothed copies (with
-        ``smoothed``), then the first ``depth`` levels (all by default).
+        In order: the normalised grey value (with ``intensity``), its filter responses (with
+        ``filters``), then the first ``depth`` levels (all by default).
         """
-        return self._interpolate(points.view(-1, 1, 1, 3), intensity, depth, smoothed).flatten(1).T
+        return self._interpolate(points.view(-1, 1, 1, 3), intensity, depth, filters).flatten(1).T
 
     def sample_grid(
-        self, axes: Sequence[torch.Tensor], intensity: bool = False, depth: int | None = None, smoothed: bool = False
+        self, axes: Sequence[torch.Tensor], intensity: bool = False, depth: int | None = None, filters: bool = False
     ) -> torch.Tensor:
         """Hypercolumns ``(C, len(z), len(y), len(x))`` on the product of source coordinates ``axes``."""
         z, y, x = (a.float() for a in axes)
         points = torch.stack(torch.meshgrid(z, y, x, indexing="ij"), dim=-1)
-        return self._interpolate(points, intensity, depth, smoothed)
+        return self._interpolate(points, intensity, depth, filters)
+
+    def box(
+        self, box: Sequence[slice], intensity: bool = False, depth: int | None = None, filters: bool = False
+    ) -> torch.Tensor:
+        """Hypercolumns ``(C, z, y, x)`` of every voxel in ``box`` (slices of the source grid),
+        equal to :meth:`sample_grid` on its voxels but without a sampling grid where the
+        source grid is the encoded one: full-resolution maps are sliced, and each level is
+        upsampled (``F.interpolate``, trilinear) from just the cells around the box."""
+        if self.scale != (1.0, 1.0, 1.0) or self.origin != (0, 0, 0):
+            return self.sample_grid([torch.arange(s.start, s.stop) for s in box], intensity, depth, filters)
+        maps = self._maps(intensity, depth, filters)
+        full = [m[(slice(None), *box)] for m in maps if m.shape[1:] == self.intensity.shape]
+        levels = maps[len(full) :]
+        return torch.cat([*full, *(_upsampled_box(level, stride, box) for level, stride in
+                                   zip(levels, self.strides, strict=False))])
 
 
-def smoothed_copies(unit: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
-    """``(len(sigmas), Z, Y, X)`` Gaussian-smoothed copies of ``unit`` (Z, Y, X); borders: nearest voxel."""
-    from skimage.filters import gaussian
-
-    array = unit.numpy()
-    return torch.stack(
-        [torch.from_numpy(gaussian(array, sigma=sigma, mode="nearest").astype(np.float32)) for sigma in sigmas]
-    )
+def _upsampled_box(level: torch.Tensor, stride: int, box: Sequence[slice]) -> torch.Tensor:
+    """``F.interpolate(level, scale_factor=stride)[:, box]``, from the cells that ``box`` needs."""
+    cells = [slice(max(0, s.start // stride - 1), min(n, s.stop // stride + 2)) for s, n in
+             zip(box, level.shape[1:], strict=True)]
+    part = F.interpolate(level[(slice(None), *cells)][None], scale_factor=stride, mode="trilinear",
+                         align_corners=False)[0]
+    crop = tuple(slice(s.start - c.start * stride, s.stop - c.start * stride) for s, c in zip(box, cells, strict=True))
+    return part[(slice(None), *crop)]
 
 
 def _encoded_shape(source_shape: Sequence[int], scale: Sequence[float]) -> tuple[int, int, int]:
@@ -296,8 +325,10 @@ def encode_job(
         tile: tile edge in encoded voxels (default :func:`default_tile`).
         overlap: fraction of the tile shared by neighbouring tiles, in [0, 0.9].
         batch: tiles per forward pass.
-        device: where the network runs; the model is moved there and back to the CPU at the
-            end, so device memory is free again when the job finishes.
+        device: where the network runs. The caller's model is never moved or changed (jobs
+            in other threads may be using it): it runs as it is when it is already on
+            ``device`` in eval mode, else an eval-mode copy on ``device`` does, freed when the
+            job ends.
 
     Returns:
         The :class:`Pyramid` (CPU tensors).
@@ -327,11 +358,12 @@ def encode_job(
 
     if not levels:  # the grey values alone: nothing to run
         return Pyramid([], [], intensity, source_shape, scale, stats=stats)
+    runner = network_on(model, device)
     try:
         while True:
             try:
                 levels_out = yield from _tiles(
-                    model,
+                    runner,
                     intensity,
                     encoded_shape,
                     stats,
@@ -355,16 +387,17 @@ def encode_job(
                 elif tile > _MIN_TILE_STRIDES * deepest:
                     tile = max(_MIN_TILE_STRIDES * deepest, (tile * 3 // 4) // deepest * deepest)
                 elif device.type != "cpu":
-                    model.to("cpu")
-                    release_memory(device)
                     device = torch.device("cpu")
+                    runner = network_on(model, device)
+                    release_memory(device)
                 else:
                     raise
                 yield Progress(
-                    0, None, f"out of memory with {old}: retrying with tile {tile}, batch {batch} on {device}"
+                    0, None, f"out of memory with {old}: retrying with tile {tile}, batch {batch} on {device}",
+                    phase="encode",
                 )
     finally:
-        model.to("cpu")
+        del runner
         release_memory(device)
     return Pyramid(levels_out, strides, intensity, source_shape, scale, stats=stats)
 
@@ -380,7 +413,6 @@ def _tiles(
     weights = [_gaussian([size // s for size in sizes]) for s in strides]
     sums = [None] * len(levels)
     totals = [torch.zeros([n // s for n in padded]) for s in strides]
-    model.to(device)
     batches = math.ceil(len(corners) / batch)
     for index in range(batches):
         chunk = corners[index * batch : (index + 1) * batch]
@@ -409,5 +441,5 @@ def _tiles(
                 )
                 sums[li][(slice(None), *view)] += out[b] * weights[li]
                 totals[li][view] += weights[li]
-        yield Progress(index + 1, batches, f"encoding tile batch {index + 1}/{batches}")
+        yield Progress(index + 1, batches, f"encoding tile batch {index + 1}/{batches}", phase="encode")
     return [level_sum / total for level_sum, total in zip(sums, totals, strict=True)]

@@ -1,0 +1,268 @@
+"""What a voxel classifier reads: grey value, 3D filter bank and encoder levels, block by block.
+
+Convention:
+    A voxel's feature vector is, in order: its normalised grey value, the filter bank's
+    responses (:mod:`.filters`, full resolution) and the encoder's levels (trilinearly
+    interpolated from their strides; see :mod:`.pyramid`). :class:`FeatureSpec` says which.
+
+    The volume is cut into *blocks*: boxes of the source grid that tile it without overlap.
+    Each block is computed from the box grown by a *halo* (clipped to the volume) so that
+    filters and the encoder see real tissue around it, and every voxel's features come
+    from the one block that holds it: training and prediction read identical values. A
+    volume that fits the memory budget is a single block, computed once and kept by
+    :class:`VolumeFeatures`; bigger ones are slabs (or boxes) computed one at a time, so
+    memory grows with the block, not with the volume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import product
+
+import numpy as np
+import torch
+from torch import nn
+
+from .features import feature_channels
+from .filters import filter_halo, filter_names
+from .jobs import Job, Progress
+from .normalize import IntensityStats, check_volume, intensity_stats
+from .pyramid import Pyramid, encode_job, spacing_scale
+
+__all__ = ["DEFAULT_BLOCK_BYTES", "DEFAULT_SETS", "FeatureSpec", "VolumeFeatures", "block_boxes"]
+
+# The structure tensor doubles the filter bank's cost (two Gaussian stages, six products)
+# and its halo; the encoder's levels already carry texture at those scales.
+DEFAULT_SETS = ("gaussian", "gradient", "log", "hessian")
+# Features of one block (filter responses at full resolution dominate: 4 bytes each) are
+# kept within this budget; a 200^3 volume with the default spec is one block.
+DEFAULT_BLOCK_BYTES = 3 << 29
+# Voxels classified at once: (voxels x channels) float32 of about 128 MB.
+_CHUNK_VALUES = 1 << 25
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which features each voxel gets.
+
+    Attributes:
+        levels: indices into the encoder's ``feature_info`` (empty: no deep features).
+        sigmas: scales (encoded voxels) of the filter bank (empty: no filter bank).
+        sets: filter families (of :data:`napari_crossd.engine.filters.FILTER_SETS`).
+    """
+
+    levels: tuple[int, ...]
+    sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)
+    sets: tuple[str, ...] = DEFAULT_SETS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(int(level) for level in self.levels))
+        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+        object.__setattr__(self, "sets", tuple(self.sets))
+        if self.sigmas:
+            filter_names(self.sigmas, self.sets)  # checks sigmas and set names
+
+    def names(self, encoder: nn.Module) -> list[str]:
+        """One name per channel, e.g. ``"hessian_eig1 s=2"`` or ``"level 2 (stride 8) #5"``."""
+        filters = filter_names(self.sigmas, self.sets)[1:] if self.sigmas else []
+        deep = [
+            f"level {level} (stride {encoder.feature_info[level]['reduction']}) #{i}"
+            for level in self.levels
+            for i in range(encoder.feature_info[level]["num_chs"])
+        ]
+        return ["intensity", *filters, *deep]
+
+    def channels(self, encoder: nn.Module) -> int:
+        filters = len(filter_names(self.sigmas, self.sets)) - 1 if self.sigmas else 0
+        return 1 + filters + feature_channels(encoder, self.levels)
+
+    def halo(self, encoder: nn.Module) -> int:
+        """Voxels of context around a block: exact filters, and a deepest stride of tissue
+        for the encoder before the zero padding it would see at a block's edge."""
+        deepest = max((int(encoder.feature_info[level]["reduction"]) for level in self.levels), default=0)
+        return max(filter_halo(self.sigmas, self.sets) if self.sigmas else 0, deepest)
+
+    def bytes_per_voxel(self, encoder: nn.Module) -> float:
+        filters = len(filter_names(self.sigmas, self.sets)) - 1 if self.sigmas else 0
+        deep = sum(
+            encoder.feature_info[level]["num_chs"] / encoder.feature_info[level]["reduction"] ** 3
+            for level in self.levels
+        )
+        # intensity, its network input (3 channels) while encoding, filters, levels
+        return 4.0 * (1 + 3 + filters + deep)
+
+    def to_dict(self) -> dict:
+        return {"levels": list(self.levels), "sigmas": list(self.sigmas), "sets": list(self.sets)}
+
+    @classmethod
+    def from_dict(cls, config: dict) -> FeatureSpec:
+        return cls(tuple(config["levels"]), tuple(config["sigmas"]), tuple(config["sets"]))
+
+
+def block_boxes(shape: Sequence[int], halo: int, max_voxels: int) -> list[tuple[slice, slice, slice]]:
+    """Boxes that tile ``shape`` so that each, grown by ``halo``, holds at most ``max_voxels``.
+
+    Slabs along Z first (whole planes keep in-plane context intact), then the plane is cut too.
+
+    >>> [tuple((s.start, s.stop) for s in box) for box in block_boxes((10, 4, 4), 1, 150)]
+    [((0, 5), (0, 4), (0, 4)), ((5, 10), (0, 4), (0, 4))]
+    """
+    shape = [int(n) for n in shape]
+    splits = [1, 1, 1]
+
+    def grown(axis: int) -> int:
+        return min(shape[axis], math.ceil(shape[axis] / splits[axis]) + 2 * halo)
+
+    while math.prod(grown(axis) for axis in range(3)) > max_voxels:
+        cuttable = [axis for axis in range(3) if splits[axis] < shape[axis]]
+        if not cuttable:
+            break
+        # Cut Z until a slab is thin, then the in-plane axes, largest first.
+        axis = 0 if 0 in cuttable and math.ceil(shape[0] / splits[0]) > halo else max(cuttable, key=grown)
+        splits[axis] += 1
+    edges = [np.linspace(0, n, k + 1).round().astype(int) for n, k in zip(shape, splits, strict=True)]
+    return [
+        tuple(slice(int(e[i]), int(e[i + 1])) for e, i in zip(edges, index, strict=True))
+        for index in product(*(range(k) for k in splits))
+    ]
+
+
+@dataclass
+class VolumeFeatures:
+    """The features of one volume for one encoder and :class:`FeatureSpec`, owned by the caller.
+
+    Training reads the features of annotated voxels, prediction those of every block. The
+    caller keeps this object for as long as the volume and the encoder stay the same (a
+    widget keeps one per image layer) and hands it to :func:`~napari_crossd.engine.finetune`
+    and :func:`~napari_crossd.engine.segment`; what is cached is in plain view: the last
+    block computed (:attr:`block`) and the feature vectors of voxels already trained on
+    (:attr:`columns`). The volume is never copied whole; it is read block by block.
+
+    Args:
+        volume: (Z, Y, X) numpy or memory-mapped array.
+        encoder: the 3D network (eval mode).
+        spec: what each voxel gets.
+        preset: intensity normalisation.
+        stats: the normalisation's statistics when they were measured on a bigger volume this
+            is a part of (a dask block); otherwise measured on first use.
+        spacing, resample: voxel size and resampling (:func:`.pyramid.spacing_scale`).
+        tile, overlap, batch: the encoder's sliding window inside a block (:func:`.pyramid.encode_job`).
+        block_bytes: feature memory per block; bigger volumes are cut into blocks.
+    """
+
+    volume: object
+    encoder: nn.Module
+    spec: FeatureSpec
+    preset: str = "auto"
+    spacing: Sequence[float] | None = None
+    resample: bool | None = None
+    tile: int | None = None
+    overlap: float = 0.25
+    batch: int = 1
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    stats: IntensityStats | None = None
+    block: tuple[int, Pyramid] | None = field(default=None, repr=False)
+    columns: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_volume(self.volume)
+        self.shape = tuple(int(n) for n in self.volume.shape)
+        self.scale = spacing_scale(self.spacing, self.resample)
+        self.halo = self.spec.halo(self.encoder)
+        encoded_per_source = math.prod(self.scale)
+        max_voxels = int(self.block_bytes / (self.spec.bytes_per_voxel(self.encoder) * encoded_per_source))
+        self.boxes = block_boxes(self.shape, self.halo, max(max_voxels, (2 * self.halo + 1) ** 3))
+        self.channels = self.spec.channels(self.encoder)
+
+    def serves(self, volume, encoder: nn.Module, spec: FeatureSpec, spacing, resample) -> bool:
+        """Whether these features are those of ``volume`` under ``encoder`` and ``spec``
+        (the same objects: a changed image is a new layer or a new array)."""
+        return (
+            volume is self.volume
+            and encoder is self.encoder
+            and spec == self.spec
+            and spacing_scale(spacing, resample) == self.scale
+        )
+
+    def _grown(self, box: tuple[slice, slice, slice]) -> tuple[slice, slice, slice]:
+        return tuple(
+            slice(max(0, s.start - self.halo), min(n, s.stop + self.halo)) for s, n in zip(box, self.shape, strict=True)
+        )
+
+    def block_job(self, index: int, device: torch.device) -> Job[Pyramid]:
+        """The :class:`Pyramid` (levels and filters) of block ``index`` grown by the halo."""
+        if self.block is not None and self.block[0] == index:
+            return self.block[1]
+        self.block = None  # a stale block can be large: free it before computing the next
+        if self.stats is None:  # measured here, in the job, not where the object is made (a GUI thread)
+            self.stats = intensity_stats(self.volume, self.preset)
+        grown = self._grown(self.boxes[index])
+        region = np.asarray(self.volume[grown])
+        pyramid = yield from encode_job(
+            self.encoder, region, self.stats, levels=self.spec.levels, scale=self.scale, tile=self.tile,
+            overlap=self.overlap, batch=self.batch, device=device,
+        )
+        if self.spec.sigmas:
+            yield Progress(0, None, f"filter bank of block {index + 1}/{len(self.boxes)}", phase="features")
+            pyramid = pyramid.with_filters(self.spec.sigmas, self.spec.sets)
+        self.block = (index, pyramid)
+        return pyramid
+
+    def _box_of(self, coords: np.ndarray) -> np.ndarray:
+        starts = [np.array([box[axis].start for box in self.boxes]) for axis in range(3)]
+        stops = [np.array([box[axis].stop for box in self.boxes]) for axis in range(3)]
+        inside = np.ones((len(coords), len(self.boxes)), dtype=bool)
+        for axis in range(3):
+            c = coords[:, axis : axis + 1]
+            inside &= (c >= starts[axis]) & (c < stops[axis])
+        return inside.argmax(1)
+
+    def columns_job(self, coords: np.ndarray, device: torch.device) -> Job[np.ndarray]:
+        """Feature vectors ``(P, C)`` float32 of the voxels ``coords`` (P, 3); computed once each."""
+        coords = np.asarray(coords, dtype=np.int64)
+        keys = [tuple(int(v) for v in c) for c in coords]
+        missing = np.array([key not in self.columns for key in keys], dtype=bool)
+        if missing.any():
+            todo = coords[missing]
+            owners = self._box_of(todo)
+            # The cached block first: a volume of one block is never encoded twice.
+            order = sorted(set(owners.tolist()), key=lambda i: (self.block is None or self.block[0] != i, i))
+            for step, index in enumerate(order):
+                yield Progress(step, len(order), f"features of block {index + 1}/{len(self.boxes)}", phase="features")
+                pyramid = yield from self.block_job(index, device)
+                points = todo[owners == index]
+                offset = np.array([s.start for s in self._grown(self.boxes[index])])
+                values = self._sample(pyramid, torch.from_numpy(points - offset))
+                self.columns.update(zip(map(tuple, points.tolist()), values, strict=True))
+        return np.stack([self.columns[key] for key in keys]) if keys else np.zeros((0, self.channels), np.float32)
+
+    def _sample(self, pyramid: Pyramid, points: torch.Tensor) -> np.ndarray:
+        filters = bool(self.spec.sigmas)
+        out = [pyramid.sample(chunk, intensity=True, filters=filters) for chunk in points.split(1 << 16)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.channels), np.float32)
+
+    def chunks_job(self, device: torch.device) -> Iterator:
+        """Yield ``(Progress, None)`` while computing, then ``(Progress, (box, features))`` for
+        every chunk of planes of every block: ``features`` is ``(C, z, y, x)`` float32 on the
+        source grid's ``box``. The cached block is visited first."""
+        order = sorted(range(len(self.boxes)), key=lambda i: (self.block is None or self.block[0] != i, i))
+        for count, index in enumerate(order):
+            job = self.block_job(index, device)
+            while True:
+                try:
+                    yield next(job), None
+                except StopIteration as stop:
+                    pyramid = stop.value
+                    break
+            box = self.boxes[index]
+            local = [slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, self._grown(box), strict=True)]
+            per_plane = self.channels * (box[1].stop - box[1].start) * (box[2].stop - box[2].start)
+            thickness = max(1, _CHUNK_VALUES // per_plane)
+            for start in range(local[0].start, local[0].stop, thickness):
+                planes = slice(start, min(start + thickness, local[0].stop))
+                features = pyramid.box((planes, local[1], local[2]), intensity=True, filters=bool(self.spec.sigmas))
+                shift = box[0].start - local[0].start
+                report = Progress(count, len(order), f"classifying block {count + 1}/{len(order)}", phase="predict")
+                yield report, ((slice(planes.start + shift, planes.stop + shift), box[1], box[2]), features)
