@@ -3,10 +3,12 @@
     python benchmarks/crossd_conv.py --device cpu --out benchmarks/results/crossd_conv_cpu.md
 
 Layers: B=8, C=64 -> 64, k=3, 56x56 (2D) and 32^3 (3D); forward and forward+backward,
-median of repeated runs after warm-up. Networks: one ResNet-18 training step (forward,
-backward, SGD step) at B=8, 112x112, plain against Cross-D with dynamic rotation (exact
-and reference mode), time and peak memory. 'Step peak' is the most memory allocated during
-one step above what was allocated before it (parameters, gradients and optimiser state),
+median of repeated runs after warm-up, and the compute operations of one forward+backward
+(every ATen call that is not a view: a dispatch on a CPU, a kernel launch on a GPU).
+Networks: one ResNet-18 training step (forward, backward, SGD step) at B=8, 112x112,
+plain against Cross-D with dynamic rotation (exact and reference mode), time, compute
+operations and peak memory. 'Step peak' is the most memory allocated during one step
+above what was allocated before it (parameters, gradients and optimiser state),
 from the profiler's allocation records on the CPU and ``torch.cuda.max_memory_allocated``
 on CUDA, each arm in a fresh process; CUDA also reports the total peak.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,6 +59,24 @@ def median_seconds(step, device: str, repeats: int, warmup: int = 2) -> float:
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class ComputeOperations(TorchDispatchMode):
+    """Counts every ATen call that is not a view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def compute_operations(step) -> int:
+    with ComputeOperations() as counter:
+        step()
+    return counter.count
 
 
 def layer_arms(channels: int) -> dict[str, tuple[nn.Module, int]]:
@@ -104,8 +125,9 @@ def bench_layers(device: str, batch: int, channels: int, size_2d: int, size_3d: 
     return [
         {"arm": name, "input": "x".join(map(str, shape)),
          "forward_ms": 1e3 * statistics.median(times[name][0]),
-         "forward_backward_ms": 1e3 * statistics.median(times[name][1])}
-        for name, shape, *_ in arms
+         "forward_backward_ms": 1e3 * statistics.median(times[name][1]),
+         "operations": compute_operations(forward_backward)}
+        for name, shape, _, forward_backward in arms
     ]
 
 
@@ -176,6 +198,7 @@ def bench_resnets(device: str, batch: int, size: int, repeats: int) -> list[dict
             seconds = median_seconds(step, device, repeats=1, warmup=0)
             if round_index >= 2:
                 times[arm].append(seconds)
+    operations = {arm: compute_operations(step) for arm, step in steps.items()}
     del steps
     rows = []
     for arm in RESNET_ARMS:
@@ -186,7 +209,8 @@ def bench_resnets(device: str, batch: int, size: int, repeats: int) -> list[dict
             check=True, capture_output=True, text=True,
         )
         memory = json.loads(result.stdout.strip().splitlines()[-1])
-        rows.append({"arm": arm, "step_ms": 1e3 * statistics.median(times[arm]), **memory})
+        rows.append({"arm": arm, "step_ms": 1e3 * statistics.median(times[arm]), "operations": operations[arm],
+                     **memory})
     return rows
 
 
@@ -208,24 +232,25 @@ def report(device: str, layers: list[dict], resnets: list[dict], args) -> str:
              f"Command: `python benchmarks/crossd_conv.py --device {device}` "
              f"(B={args.batch}, C={args.channels}, k=3, {args.size_2d}x{args.size_2d} and {args.size_3d}^3; "
              f"median of {args.repeats} interleaved rounds).", "",
-             "| layer | input | forward ms | fwd+bwd ms | forward ratio | fwd+bwd ratio |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| layer | input | forward ms | fwd+bwd ms | forward ratio | fwd+bwd ratio | fwd+bwd ops |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     baselines = {name: next(r for r in layers if r["arm"] == name) for name in ("nn.Conv2d", "nn.Conv3d")}
     for row in layers:
         base = baselines["nn.Conv2d" if "2D" in row["arm"] or row["arm"] == "nn.Conv2d" else "nn.Conv3d"]
         lines.append(f"| {row['arm']} | {row['input']} | {row['forward_ms']:.2f} | {row['forward_backward_ms']:.2f} | "
                      f"{row['forward_ms'] / base['forward_ms']:.2f}x | "
-                     f"{row['forward_backward_ms'] / base['forward_backward_ms']:.2f}x |")
+                     f"{row['forward_backward_ms'] / base['forward_backward_ms']:.2f}x | {row['operations']} |")
     lines += ["", f"ResNet-18 training step (forward, backward, SGD), B={args.batch}, {args.resnet_size}x"
               f"{args.resnet_size}, 10 classes. 'state' = parameters + gradients + momentum; "
-              "'step peak' = peak memory during the step above the memory held before it.", "",
-              "| network | step ms | ratio | state MB | step peak MB | step peak ratio | total peak MB |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "'step peak' = peak memory during the step above the memory held before it; 'ops' = "
+              "compute operations of one step.", "",
+              "| network | step ms | ratio | ops | state MB | step peak MB | step peak ratio | total peak MB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     plain = resnets[0]
     for row in resnets:
         total = "n/a" if row["total_peak_mb"] is None else f"{row['total_peak_mb']:.0f}"
         lines.append(f"| {row['arm']} | {row['step_ms']:.1f} | {row['step_ms'] / plain['step_ms']:.2f}x | "
-                     f"{row['state_mb']:.0f} | {row['step_peak_mb']:.0f} | "
+                     f"{row['operations']} | {row['state_mb']:.0f} | {row['step_peak_mb']:.0f} | "
                      f"{row['step_peak_mb'] / plain['step_peak_mb']:.2f}x | {total} |")
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_crossd.core import CrossDConv, pad_kernels, rotate_kernels, rotation_operator
+from napari_crossd.core import CrossDConv, rotate_kernels, static_kernels
 
 __all__ = [
     "KernelGrid",
@@ -74,18 +74,8 @@ def layer_kernels(module: nn.Module) -> torch.Tensor:
     """
     with torch.no_grad():
         if isinstance(module, CrossDConv):
-            kernels = module.weights_3d.detach().float()
-            if module.kernel_support is not None:
-                kernels = pad_kernels(kernels, module.kernel_support)
-            if module.rotation == "static":
-                size = kernels.shape[-1]
-                operator = rotation_operator(module.rotation_vector.detach().float(), size)
-                flat = kernels.flatten(2)
-                if operator.shape[0] == 1:
-                    flat = flat @ operator[0].T
-                else:
-                    flat = torch.einsum("opq,oiq->oip", operator, flat)
-                kernels = flat.reshape(kernels.shape)
+            rotation = module.rotation_vector.detach().float() if module.rotation == "static" else None
+            kernels = static_kernels(module.weights_3d.detach().float(), rotation, support=module.kernel_support)
             return kernels.cpu()
         if isinstance(module, nn.Conv3d):
             return module.weight.detach().float().cpu()

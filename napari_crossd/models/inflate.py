@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from napari_crossd.core import CrossDConv, pad_kernels, rotation_operator
+from napari_crossd.core import CrossDConv, rotation_operator, static_kernels
 
 __all__ = ["OFFICIAL_SHIFTS", "STRATEGIES", "inflate"]
 
@@ -396,16 +396,8 @@ class _Inflater:
         weights = m.weights_3d.detach()
         if m.rotation_mode == "reference" and self.official_shift == "undo":
             weights = torch.roll(weights, (1, 1, 1), dims=(-3, -2, -1))
-        if m.kernel_support is not None:
-            weights = pad_kernels(weights, size)
-        if m.rotation == "static":
-            operator = rotation_operator(m.rotation_vector.detach(), size, dtype=weights.dtype)
-            flat_weights = weights.flatten(2)
-            if operator.shape[0] == 1:  # one rotation for the layer, else one per output channel
-                flat_weights = flat_weights @ operator[0].T
-            else:
-                flat_weights = torch.einsum("opq,oiq->oip", operator, flat_weights)
-            weights = flat_weights.reshape(weights.shape)
+        rotation = m.rotation_vector.detach() if m.rotation == "static" else None
+        weights = static_kernels(weights, rotation, support=m.kernel_support)
         # The support grows the kernel symmetrically; the padding grows with it (as CrossDConv does).
         extra = (size - m.kernel_size) // 2
         padding = m.padding
