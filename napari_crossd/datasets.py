@@ -189,10 +189,14 @@ def load_head_ct(path: str | Path | None = None) -> Sample:
 
     Read from Debian's ``invesalius-examples`` (``Cranium.inv3``, GPL-2: read, never copied).
     Labels (every voxel) from the project's bone mask (``mask_0.dat``, a threshold at 226 HU;
-    its first plane, row and column are a header): 1 background (everything else), 2 skull
-    (the largest 26-connected component of the mask, and the small bone fragments), 3 head
-    holder (the other components of at least 1000 voxels: the scanner's thin arcs, outside
-    the head). Both bone classes are bone-bright; where they are tells them apart.
+    its first plane, row and column are a header): 3 skull (the largest 26-connected
+    component of the mask, and the small bone fragments), 4 head holder (the other components
+    of at least 1000 voxels: the scanner's thin arcs, outside the head); the rest is 2 head
+    (the largest 26-connected component of voxels above -500 HU outside the holder, holes
+    filled slice by slice, not bone) or 1 air. Skull and holder are both bone-bright: where
+    they are tells them apart. The non-bone rest is split in two because a random stroke
+    start in it almost always lands in the air, which fills most of every slice: a simulated
+    user would otherwise never paint the head's soft tissue.
 
     Raises:
         FileNotFoundError: the package is not installed (the message gives the command).
@@ -216,11 +220,16 @@ def load_head_ct(path: str | Path | None = None) -> Sample:
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     holder = np.isin(components, np.flatnonzero(sizes >= 1000)) & (components != np.argmax(sizes))
+    body, _ = ndimage.label((image > -500) & ~holder, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(body.ravel())
+    sizes[0] = 0
+    head = np.stack([ndimage.binary_fill_holes(plane) for plane in body == np.argmax(sizes)])
     labels = np.ones(shape, dtype=np.uint8)
-    labels[bone] = 2
-    labels[holder] = 3
+    labels[head] = 2
+    labels[bone] = 3
+    labels[holder] = 4
     spacing = tuple(float(v) for v in main["spacing"][::-1])  # the plist holds x, y, z
-    return Sample(image, spacing, np.diag([*spacing[::-1], 1.0]), labels, ("background", "skull", "head holder"),
+    return Sample(image, spacing, np.diag([*spacing[::-1], 1.0]), labels, ("air", "head", "skull", "head holder"),
                   {"name": f"head CT ({main.get('name', 'Cranium.inv3')})", "source": str(path)})
 
 

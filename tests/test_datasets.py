@@ -57,12 +57,14 @@ def test_head_ct_skull_and_holder():
     assert sample.image.shape == sample.labels.shape == (108, 256, 256)
     assert sample.image.dtype == np.int16
     assert sample.spacing == pytest.approx((1.5, 0.957, 0.957), abs=1e-3)
-    counts = np.bincount(sample.labels.ravel(), minlength=4)
-    assert counts[0] == 0 and counts[2] > 5 * counts[3] > 0
+    assert sample.class_names == ("air", "head", "skull", "head holder")
+    counts = np.bincount(sample.labels.ravel(), minlength=5)
+    assert counts[0] == 0 and counts[1] > counts[2] > counts[3] > 5 * counts[4] > 0
     # Both bone classes are above the mask's 226 HU threshold; the holder lies behind the head.
-    assert sample.image[sample.labels > 1].min() >= 226
-    holder_y = np.nonzero(sample.labels == 3)[1]
-    skull_y = np.nonzero(sample.labels == 2)[1]
+    assert sample.image[sample.labels >= 3].min() >= 226
+    assert np.median(sample.image[sample.labels == 2]) < 100  # soft tissue and brain
+    holder_y = np.nonzero(sample.labels == 4)[1]
+    skull_y = np.nonzero(sample.labels == 3)[1]
     assert holder_y.mean() < skull_y.mean()
 
 

@@ -46,7 +46,7 @@ TASKS = {
     ),
     "head-ct": Task(
         datasets.load_head_ct, True,
-        "head CT (invesalius-examples), 108 x 256 x 256, 1.5 x 0.96 x 0.96 mm: background / skull / head holder",
+        "head CT (invesalius-examples), 108 x 256 x 256, 1.5 x 0.96 x 0.96 mm: air / head / skull / head holder",
         "apt-get install invesalius-examples",
     ),
 }
