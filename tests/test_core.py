@@ -10,6 +10,7 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from napari_crossd import CrossDConv
 from napari_crossd.core import (
@@ -450,3 +451,33 @@ def test_recomputed_rotation_head_trains_as_if_kept():
         torch.testing.assert_close(got.grad, want.grad, msg=name)
     for (name, got), want in zip(conv.named_buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(got, want, msg=name)
+
+
+class _ComputeOperations(TorchDispatchMode):
+    """Counts every ATen call that is not a view: each is a dispatch on a CPU, a launch on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _operations_of_a_training_step(layer: nn.Module, x: torch.Tensor) -> int:
+    layer(x).sum().backward()  # the first step fills the caches of constants
+    with _ComputeOperations() as counter:
+        layer(x).sum().backward()
+    return counter.count
+
+
+@pytest.mark.parametrize("kernel_size", [3, 7])
+@pytest.mark.parametrize(("rotation", "limit"), [("static", 100), ("dynamic", 150)])
+def test_layer_compute_operations_are_few(rotation, limit, kernel_size):
+    """Forward + backward of one layer (B=4, 32 channels, 28x28): was 383 / 424 static, 456 / 551 dynamic."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 28, 28, requires_grad=True)
+    assert _operations_of_a_training_step(nn.Conv2d(32, 32, 3, padding=1), x) == 7  # the unit: conv, bias, grads
+    layer = CrossDConv(32, 32, kernel_size, padding=kernel_size // 2, rotation=rotation).train()
+    assert _operations_of_a_training_step(layer, x) <= limit

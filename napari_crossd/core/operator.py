@@ -143,6 +143,12 @@ class _RotationOperator(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rotation, size, central_plane, dtype):
+        # Exact in dtype also under mixed precision (and the backward receives dtype).
+        with torch.autocast(rotation.device.type, enabled=False):
+            return _RotationOperator._forward(ctx, rotation, size, central_plane, dtype)
+
+    @staticmethod
+    def _forward(ctx, rotation, size, central_plane, dtype):
         needs_grad = ctx.needs_input_grad[0]
         stepped = _tangent_rotations(rotation) if needs_grad else rotation
         planes, nearest = _plane_matrices(stepped, size)
@@ -186,6 +192,9 @@ class _RotationOperator(torch.autograd.Function):
         return grad_rotation[..., 0], None, None, None
 
 
+# Under torch.compile the operator runs as written: its complex-step derivatives need
+# complex128 arithmetic to the last bit, which compiled kernels do not promise.
+@torch.compiler.disable
 def rotation_operator(
     rotation: torch.Tensor,
     kernel_size: int,

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from napari_crossd.io.atomic import atomic_path
 from napari_crossd.models.registry import ARCHITECTURES, CROSSD_PREFIX, build_model
 
 from .data import open_dataset
@@ -101,6 +102,9 @@ class PretrainConfig:
         print_every: print the running loss every this many steps (0: only per epoch).
         save_every_rank: also write each rank's final weights to ``rank<R>.safetensors``
             (to verify that the replicas agree).
+        compile: run the training network through ``torch.compile`` (whole-step graph
+            capture: fewer, fused kernel launches on CUDA). Off by default: on a CPU the
+            compilation takes longer than short runs gain, and it needs a C++ compiler.
     """
 
     data: str
@@ -130,6 +134,7 @@ class PretrainConfig:
     keep: int = 1
     print_every: int = 0
     save_every_rank: bool = False
+    compile: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that is out of range."""
@@ -325,15 +330,6 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        torch.save(obj, partial)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def _check_resume(saved: dict, config: PretrainConfig, ctx: _Context) -> None:
     different = [
         f"{name}: saved {saved[name]!r}, now {getattr(config, name)!r}"
@@ -449,6 +445,63 @@ def pretrain(config: PretrainConfig, resume: str | Path | None = None) -> list[d
 
 
 def _train(config: PretrainConfig, resume, ctx: _Context) -> list[dict]:
+    """The run: data, model and optimiser (or a checkpoint's), then one epoch after another."""
+    _check_processes(config, ctx)
+    saved = load_checkpoint(resume) if resume is not None else None
+    if saved is not None:
+        _check_resume(saved["config"], config, ctx)
+    data = _open_data(config, ctx, saved)
+    run = _build_run(config, ctx, data)
+    start_epoch, step, history = _restore(run, saved, config, ctx) if saved is not None else _fresh(config, ctx)
+    net = DistributedDataParallel(run.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
+        if ctx.distributed else run.model
+    if config.compile:
+        net = torch.compile(net, dynamic=False)  # fixed shapes: one graph per layer geometry
+    sampler = DistributedSampler(data.train, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    loader = DataLoader(data.train, batch_size=data.per_rank, sampler=sampler, num_workers=config.workers,
+                        drop_last=True, pin_memory=ctx.device.type == "cuda")
+    out = Path(config.out)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        parameters = sum(p.numel() for p in run.model.parameters())
+        print(f"{config.model_arch}: {parameters:,} parameters; {len(data.train)} training images in "
+              f"{len(data.train.classes)} classes, {data.steps_per_epoch} steps/epoch on {ctx.world} process(es) "
+              f"({ctx.device.type}, batch {data.per_rank} each)", flush=True)
+
+    epochs_this_run = 0
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        data.train.set_epoch(epoch)
+        entry, step = _train_epoch(net, loader, run, data, config, ctx, step)
+        _average_buffers(run.model, ctx)
+        entry = {"epoch": epoch + 1, "step": step, **entry, "lr": run.scheduler.get_last_lr()[0]}
+        if data.val is not None:
+            entry["val_loss"], entry["val_accuracy"] = _evaluate(run.model, data.val, data.mean, data.std,
+                                                                 data.per_rank * 2, ctx, run.autocast)
+        entry["replica_max_abs_diff"] = _replica_difference(run.model, ctx)
+        entry["seconds"] = round(time.perf_counter() - started, 2)
+        entry["processes"] = ctx.world
+        history.append(entry)
+        rng = _gather_rng_states(ctx)  # collective: every rank takes part
+        if ctx.main:
+            _save_epoch(run, data, config, entry, history, rng, out)
+        if ctx.distributed:
+            dist.barrier()
+        epochs_this_run += 1
+        if config.stop_after is not None and epochs_this_run >= config.stop_after and epoch + 1 < config.epochs:
+            if ctx.main:
+                print(f"stopping after {epochs_this_run} epoch(s) as asked; continue with --resume {out}", flush=True)
+            break
+
+    if config.save_every_rank:
+        _save_weights(run.model, {**run.meta, "normalization": data.normalization},
+                      out / f"rank{ctx.rank}.safetensors")
+    return history
+
+
+def _check_processes(config: PretrainConfig, ctx: _Context) -> None:
     if config.batch_size % ctx.world:
         raise ValueError(
             f"batch_size {config.batch_size} is the total over {ctx.world} processes and must divide evenly by it."
@@ -456,12 +509,22 @@ def _train(config: PretrainConfig, resume, ctx: _Context) -> list[dict]:
     if config.sync_bn and ctx.distributed and ctx.device.type != "cuda":
         raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
                          "drop it for CPU training, where each process keeps its own batch statistics.")
-    per_rank = config.batch_size // ctx.world
-    out = Path(config.out)
-    saved = load_checkpoint(resume) if resume is not None else None
-    if saved is not None:
-        _check_resume(saved["config"], config, ctx)
 
+
+@dataclass
+class _Data:
+    """The training (and validation) images, how they are batched, and their normalisation."""
+
+    train: object
+    val: object | None
+    per_rank: int
+    steps_per_epoch: int
+    normalization: dict
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def _open_data(config: PretrainConfig, ctx: _Context, saved: dict | None) -> _Data:
     train_set = open_dataset(config.data, "train", image_size=config.image_size, augment=config.augment,
                              seed=config.seed, limit=config.limit)
     val_set = None
@@ -472,12 +535,7 @@ def _train(config: PretrainConfig, resume, ctx: _Context) -> list[dict]:
         val_set = open_dataset(config.data, "test", image_size=train_set.image_size)
     if val_set is not None and list(val_set.classes) != list(train_set.classes):
         raise ValueError(f"validation classes {val_set.classes} differ from training classes {train_set.classes}.")
-    steps_per_epoch = len(train_set) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{len(train_set)} training images are fewer than one batch of {config.batch_size}: lower --batch-size."
-        )
-
+    per_rank = _batch_per_rank(len(train_set), config.batch_size, ctx)
     if saved is not None:
         normalization = saved["meta"]["normalization"]
     else:
@@ -485,154 +543,157 @@ def _train(config: PretrainConfig, resume, ctx: _Context) -> list[dict]:
         normalization = {"name": f"pretrain:{Path(str(config.data)).name}", "mean": [mean] * 3, "std": [std] * 3}
     mean = torch.tensor(normalization["mean"], device=ctx.device).view(1, 3, 1, 1)
     std = torch.tensor(normalization["std"], device=ctx.device).view(1, 3, 1, 1)
+    steps_per_epoch = len(train_set) // (per_rank * ctx.world)
+    return _Data(train_set, val_set, per_rank, steps_per_epoch, normalization, mean, std)
 
+
+def _batch_per_rank(images: int, batch_size: int, ctx: _Context) -> int:
+    """``batch_size / world``, or for a set smaller than one batch, all of it in one step per epoch."""
+    if images >= batch_size:
+        return batch_size // ctx.world
+    if images < ctx.world:
+        raise ValueError(f"{images} training images are fewer than the {ctx.world} processes: each needs one.")
+    per_rank = images // ctx.world
+    if ctx.main:
+        print(f"{images} training images are fewer than one batch of {batch_size}: training with batch "
+              f"{per_rank * ctx.world} ({per_rank} per process), one step per epoch.", flush=True)
+    return per_rank
+
+
+@dataclass
+class _Run:
+    """What a step needs beyond the data: the model and how it is optimised."""
+
+    model: nn.Module
+    meta: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp_dtype: torch.dtype
+    use_amp: bool
+    device_type: str
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+
+def _build_run(config: PretrainConfig, ctx: _Context, data: _Data) -> _Run:
     # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
     torch.manual_seed(config.seed)
-    model = _build_model(config, len(train_set.classes))
+    model = _build_model(config, len(data.train.classes))
     meta = dict(model.crossd_meta)
     if config.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     optimizer = _make_optimizer(config, model)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    total_steps = data.steps_per_epoch * config.epochs
+    warmup_steps = round(config.warmup_epochs * data.steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, warmup_steps, total_steps)
     )
     use_amp = config.amp and ctx.device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_amp and amp_dtype == torch.float16)
-
-    def autocast():
-        return torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp)
-
-    start_epoch, step, history = 0, 0, []
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        start_epoch, step, history = int(saved["epoch"]), int(saved["step"]), list(saved["history"])
-        rng = saved["rng"]
-        if rng["torch"].shape[0] == ctx.world:
-            # clone(): torch.set_rng_state reads a row view from the start of its storage.
-            _set_rng_state({k: v[ctx.rank].clone() for k, v in rng.items()})
-        else:
-            # Another world size: data order and augmentation are still reproducible, the
-            # per-rank RNG streams (dropout) cannot be mapped; reseed them deterministically.
-            warnings.warn(
-                f"checkpoint was saved by {rng['torch'].shape[0]} processes, resuming with {ctx.world}: "
-                "the run continues correctly but will not match an uninterrupted one bit for bit.",
-                stacklevel=2,
-            )
-            torch.manual_seed(config.seed + 7919 * start_epoch + ctx.rank)
-        if ctx.main:
-            print(f"resumed from epoch {start_epoch} (step {step})", flush=True)
-    else:
-        # Different dropout masks per rank, reproducibly.
-        torch.manual_seed(config.seed + ctx.rank)
-        np.random.seed(config.seed + ctx.rank)  # noqa: NPY002
-        random.seed(config.seed + ctx.rank)
-
-    net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
-        if ctx.distributed else model
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
-                                 seed=config.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=config.workers,
-                        drop_last=True, pin_memory=ctx.device.type == "cuda")
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return _Run(model, meta, optimizer, scheduler, scaler, criterion, amp_dtype, use_amp, ctx.device.type)
+
+
+def _fresh(config: PretrainConfig, ctx: _Context) -> tuple[int, int, list[dict]]:
+    """Seed a new run: different dropout masks per rank, reproducibly. Returns epoch, step, history."""
+    torch.manual_seed(config.seed + ctx.rank)
+    np.random.seed(config.seed + ctx.rank)  # noqa: NPY002
+    random.seed(config.seed + ctx.rank)
+    return 0, 0, []
+
+
+def _restore(run: _Run, saved: dict, config: PretrainConfig, ctx: _Context) -> tuple[int, int, list[dict]]:
+    """Load a checkpoint's states and this rank's RNG streams. Returns epoch, step, history."""
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scaler.load_state_dict(saved["scaler"])
+    start_epoch, step, history = int(saved["epoch"]), int(saved["step"]), list(saved["history"])
+    rng = saved["rng"]
+    if rng["torch"].shape[0] == ctx.world:
+        # clone(): torch.set_rng_state reads a row view from the start of its storage.
+        _set_rng_state({k: v[ctx.rank].clone() for k, v in rng.items()})
+    else:
+        # Another world size: data order and augmentation are still reproducible, the
+        # per-rank RNG streams (dropout) cannot be mapped; reseed them deterministically.
+        warnings.warn(
+            f"checkpoint was saved by {rng['torch'].shape[0]} processes, resuming with {ctx.world}: "
+            "the run continues correctly but will not match an uninterrupted one bit for bit.",
+            stacklevel=3,
+        )
+        torch.manual_seed(config.seed + 7919 * start_epoch + ctx.rank)
     if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        parameters = sum(p.numel() for p in model.parameters())
-        print(f"{config.model_arch}: {parameters:,} parameters; {len(train_set)} training images in "
-              f"{len(train_set.classes)} classes, {steps_per_epoch} steps/epoch on {ctx.world} process(es) "
-              f"({ctx.device.type}, batch {per_rank} each)", flush=True)
+        print(f"resumed from epoch {start_epoch} (step {step})", flush=True)
+    return start_epoch, step, history
 
-    epochs_this_run = 0
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        net.train()
-        loss_sum = correct = count = 0.0
-        for i, (images, targets) in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            images = (images.to(ctx.device, non_blocking=True) - mean) / std
-            targets = targets.to(ctx.device, non_blocking=True)
-            with autocast():
-                logits = net(images)
-                loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            loss_sum += float(loss.detach()) * len(targets)
-            correct += float((logits.detach().argmax(1) == targets).sum())
-            count += len(targets)
-            if ctx.main and config.print_every and step % config.print_every == 0:
-                print(f"  step {step}/{total_steps}  loss {loss_sum / count:.4f}  "
-                      f"lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
-        loss_sum, correct, count = _all_reduce([loss_sum, correct, count], ctx)
-        _average_buffers(model, ctx)
-        entry = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": loss_sum / count,
-            "train_accuracy": correct / count,
-            "lr": scheduler.get_last_lr()[0],
-        }
-        if val_set is not None:
-            entry["val_loss"], entry["val_accuracy"] = _evaluate(model, val_set, mean, std, per_rank * 2, ctx,
-                                                                 autocast)
-        entry["replica_max_abs_diff"] = _replica_difference(model, ctx)
-        entry["seconds"] = round(time.perf_counter() - started, 2)
-        entry["processes"] = ctx.world
-        history.append(entry)
 
-        rng = _gather_rng_states(ctx)  # collective: every rank takes part
-        if ctx.main:
-            meta_out = {**meta, "normalization": normalization, "class_names": list(train_set.classes),
-                        "training": {"data": str(config.data), "epoch": epoch + 1, "epochs": config.epochs,
-                                     "image_size": train_set.image_size,
-                                     **{k: v for k, v in entry.items() if k.endswith("accuracy")}}}
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "rng": rng,
-                "config": asdict(config),
-                "meta": meta_out,
-                "history": history,
-            }
-            _atomic_save(state, out / f"epoch_{epoch + 1:04d}.pt")
-            for old in sorted(out.glob("epoch_*.pt"))[: -config.keep]:
-                old.unlink()
-            _save_weights(model, meta_out, out / "model.safetensors")
-            with (out / "log.jsonl").open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-            val = (f"  val loss {entry['val_loss']:.4f} acc {100 * entry['val_accuracy']:.2f}%"
-                   if "val_loss" in entry else "")
-            print(f"epoch {epoch + 1}/{config.epochs}  train loss {entry['train_loss']:.4f} "
-                  f"acc {100 * entry['train_accuracy']:.2f}%{val}  lr {entry['lr']:.2e}  "
-                  f"{entry['seconds']:.0f} s", flush=True)
-        if ctx.distributed:
-            dist.barrier()
-        epochs_this_run += 1
-        if config.stop_after is not None and epochs_this_run >= config.stop_after and epoch + 1 < config.epochs:
-            if ctx.main:
-                print(f"stopping after {epochs_this_run} epoch(s) as asked; continue with --resume {out}", flush=True)
+def _train_epoch(net: nn.Module, loader: DataLoader, run: _Run, data: _Data, config: PretrainConfig,
+                 ctx: _Context, step: int) -> tuple[dict, int]:
+    """One pass over this rank's batches. Returns the epoch's loss and accuracy (all ranks) and the step."""
+    net.train()
+    total_steps = data.steps_per_epoch * config.epochs
+    loss_sum = correct = count = 0.0
+    for i, (images, targets) in enumerate(loader):
+        if i >= data.steps_per_epoch:
             break
+        images = (images.to(ctx.device, non_blocking=True) - data.mean) / data.std
+        targets = targets.to(ctx.device, non_blocking=True)
+        with run.autocast():
+            logits = net(images)
+            loss = run.criterion(logits.float(), targets)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        step += 1
+        loss_sum += float(loss.detach()) * len(targets)
+        correct += float((logits.detach().argmax(1) == targets).sum())
+        count += len(targets)
+        if ctx.main and config.print_every and step % config.print_every == 0:
+            print(f"  step {step}/{total_steps}  loss {loss_sum / count:.4f}  "
+                  f"lr {run.scheduler.get_last_lr()[0]:.2e}", flush=True)
+    loss_sum, correct, count = _all_reduce([loss_sum, correct, count], ctx)
+    return {"train_loss": loss_sum / count, "train_accuracy": correct / count}, step
 
-    if config.save_every_rank:
-        _save_weights(model, {**meta, "normalization": normalization}, out / f"rank{ctx.rank}.safetensors")
-    return history
+
+def _save_epoch(run: _Run, data: _Data, config: PretrainConfig, entry: dict, history: list[dict],
+                rng: dict[str, torch.Tensor], out: Path) -> None:
+    """Rank 0 after an epoch: the checkpoint, the latest weights, the log line and the summary."""
+    epoch = entry["epoch"]
+    meta = {**run.meta, "normalization": data.normalization, "class_names": list(data.train.classes),
+            "training": {"data": str(config.data), "epoch": epoch, "epochs": config.epochs,
+                         "image_size": data.train.image_size,
+                         **{k: v for k, v in entry.items() if k.endswith("accuracy")}}}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "step": entry["step"],
+        "rng": rng,
+        "config": asdict(config),
+        "meta": meta,
+        "history": history,
+    }
+    with atomic_path(out / f"epoch_{epoch:04d}.pt") as partial:
+        torch.save(state, partial)
+    for old in sorted(out.glob("epoch_*.pt"))[: -config.keep]:
+        old.unlink()
+    _save_weights(run.model, meta, out / "model.safetensors")
+    with (out / "log.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    val = f"  val loss {entry['val_loss']:.4f} acc {100 * entry['val_accuracy']:.2f}%" if "val_loss" in entry else ""
+    print(f"epoch {epoch}/{config.epochs}  train loss {entry['train_loss']:.4f} "
+          f"acc {100 * entry['train_accuracy']:.2f}%{val}  lr {entry['lr']:.2e}  "
+          f"{entry['seconds']:.0f} s", flush=True)
 
 
 def _save_weights(model: nn.Module, meta: dict, path: Path) -> None:
@@ -691,6 +752,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--keep", type=int, default=d["keep"], help="epoch checkpoints kept (default: %(default)s)")
     parser.add_argument("--print-every", type=int, default=d["print_every"], metavar="STEPS",
                         help="print the running loss every STEPS steps (default: per epoch only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training network (for CUDA; off by default)")
     parser.add_argument("--save-every-rank", action="store_true",
                         help="also write each rank's final weights (rank<R>.safetensors) to verify replicas")
     return parser
