@@ -28,13 +28,16 @@ FILTERS = {"sigma_min": 1, "sigma_max": 16, "channel_axis": None}
 
 class Ours:
     """napari-crossd as the widget runs it: ``Segmenter`` on ``prepare_model(weights, strategy)``,
-    ``finetune`` (warm start on the corrective round: the same segmenter), ``segment``."""
+    ``finetune`` (warm start on the corrective round: the same segmenter), ``segment``. Where
+    the engine offers ``Segmenter.features`` (a cache of the volume's features that the widget
+    keeps per image), it is made once at Train and passed to every call, as the widget does."""
 
     def __init__(self, class_names, seed: int, weights: str = "default", strategy: str | None = None,
                  full: bool = False) -> None:
         self.class_names, self.seed = list(class_names), seed
         self.weights, self.strategy, self.full = weights, strategy, full
         self.segmenter = None
+        self.cache: dict = {}
         self.summary: dict = {}
 
     def fit(self, image, strokes, spacing) -> None:
@@ -43,25 +46,28 @@ class Ours:
         torch.manual_seed(self.seed)  # the head's initialisation and dropout
         kwargs = {} if self.strategy is None else {"strategy": self.strategy}
         self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names)
-        self.summary = finetune(self.segmenter, image, strokes, spacing=spacing, **self._full())
+        if callable(getattr(self.segmenter, "features", None)):
+            self.cache = {"features": self.segmenter.features(image, spacing=spacing)}
+        self.summary = finetune(self.segmenter, image, strokes, spacing=spacing, **self._full(), **self.cache)
 
     def refit(self, image, strokes, spacing) -> None:
         from napari_crossd.engine import finetune
 
-        self.summary = finetune(self.segmenter, image, strokes, spacing=spacing, **self._full())
+        self.summary = finetune(self.segmenter, image, strokes, spacing=spacing, **self._full(), **self.cache)
 
     def predict(self, image, spacing) -> np.ndarray:
         from napari_crossd.engine import segment
 
-        labels, _ = segment(self.segmenter, image, spacing=spacing)
+        labels, _ = segment(self.segmenter, image, spacing=spacing, **self.cache)
         return np.asarray(labels)
 
     def _full(self) -> dict:
         return {"full": True} if self.full else {}
 
     def info(self) -> dict:
-        hypercolumn = getattr(self.segmenter, "hypercolumn", None)
-        return {"hypercolumn": hypercolumn, "summary": {k: v for k, v in self.summary.items() if _plain(v)}}
+        describe = getattr(self.segmenter, "describe", None)
+        features = describe() if callable(describe) else getattr(self.segmenter, "hypercolumn", None)
+        return {"hypercolumn": features, "summary": {k: v for k, v in self.summary.items() if _plain(v)}}
 
 
 def _plain(value) -> bool:

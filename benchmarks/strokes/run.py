@@ -133,9 +133,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the forests use n_jobs=2)")
     parser.add_argument("--redo", action="store_true", help="rerun even where a result exists")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--out", type=Path, help="results folder (default: results/, --quick: results/quick/)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = HERE / "results" / ("quick" if args.quick else "")
+    out = args.out or HERE / "results" / ("quick" if args.quick else "")
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     # Seeds outermost: an interrupted run has every task and arm on the first seeds.
