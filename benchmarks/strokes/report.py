@@ -100,7 +100,7 @@ def targets(runs: dict, context_means: dict) -> list[str]:
             best = max(_mean(arms[b], "round1", "all", "mean") for b in BASELINES if b in arms)
             verdict = "met" if ours >= best - 0.01 else "NOT met"
             lines.append(f"- {task}: (c) {ours:.3f} vs best baseline {best:.3f} (all unpainted): {verdict}")
-    for s in ("near", "far"):
+    for s in ("near", "far") if any(b in context_means for b in BASELINES) else ():
         best = max(context_means[b][s] for b in BASELINES if b in context_means)
         margin = context_means["default"][s] - best
         lines.append(f"- context mean, {s}: (c) {margin * 100:+.1f} Dice points over the best baseline "
