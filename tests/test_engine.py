@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from napari_crossd import build_model
 from napari_crossd.datasets import dice_scores, paint_strokes
 from napari_crossd.engine import (
+    Annotations,
     Progress,
     Segmenter,
+    VolumeFeatures,
+    default_spec,
     extract_features,
     features_job,
     finetune,
@@ -28,7 +31,7 @@ from napari_crossd.engine import (
     segment,
 )
 from napari_crossd.engine.normalize import network_input, unit_intensity
-from napari_crossd.engine.pyramid import Pyramid, encode_job, smoothed_copies, spacing_scale
+from napari_crossd.engine.pyramid import Pyramid, encode_job, spacing_scale
 
 
 @pytest.fixture(scope="module")
@@ -193,15 +196,17 @@ def test_out_of_memory_at_the_smallest_tile_raises(imagenet_3d, brain, monkeypat
 
 
 def test_cancel_features_between_tiles(imagenet_3d, brain):
-    job = features_job(imagenet_3d, brain[0], tile=32, device="cpu")
+    model = copy.deepcopy(imagenet_3d)
+    forwards = []
+    model.features[0].register_forward_hook(lambda *_: forwards.append(1))
+    job = features_job(model, brain[0], tile=32, device="cpu")
     first = next(job)
-    assert isinstance(first, Progress) and first.step == 1 and first.total > 1
-    job.close()  # cancel: the generator stops between tiles and returns nothing
-    with pytest.raises(StopIteration):
-        next(job)
+    assert isinstance(first, Progress) and first.step == 1 and first.total == 2 * 4 * 4
+    job.close()  # cancel: the generator stops between tiles
+    assert len(forwards) == 1  # one tile of 32 was encoded, no more
 
 
-# --- fine-tuning ---------------------------------------------------------------------------
+# --- segmentation from strokes ------------------------------------------------------------
 
 
 def test_dice_scores(brain):
@@ -213,64 +218,135 @@ def test_dice_scores(brain):
     assert 0 < shifted < 1
 
 
+TISSUES = ["background", "other", "grey matter", "white matter"]
+
+
 @pytest.fixture(scope="module")
 def strokes(brain):
     return paint_strokes(brain[1], slices=5, strokes_per_class=3, seed=0)
 
 
-def test_finetune_on_strokes_segments_unpainted_slices(imagenet_3d, brain, strokes, tmp_path):
-    image, truth = brain
-    segmenter = Segmenter(imagenet_3d, ["background", "other", "grey matter", "white matter"])
+def _unpainted(strokes: np.ndarray) -> np.ndarray:
+    unpainted = np.ones(strokes.shape[0], dtype=bool)
+    unpainted[np.unique(np.nonzero(strokes)[0])] = False
+    return unpainted
+
+
+@pytest.fixture(scope="module")
+def trained(imagenet_3d, brain, strokes):
+    """A default segmenter trained on the strokes, its feature cache and what training reported."""
+    segmenter = Segmenter(imagenet_3d, TISSUES)
+    features = segmenter.features(brain[0])
     reports = []
-    summary = finetune(segmenter, image, strokes, steps=150, device="cpu", progress=reports.append)
-    losses = [r.loss for r in reports if r.loss is not None]
-    assert len(losses) == summary["steps"] and all(np.isfinite(losses))
-    assert summary["validation"] > 0 and summary["depth"] in range(4)
-    # Every hypercolumn candidate trained, simplest first: grey value, + smoothed, + 1..3 levels.
-    candidates = list(dict.fromkeys(r.message.split(", step")[0] for r in reports if r.loss is not None))
-    assert candidates == ["depth 0", "depth 0 + smoothed", *(f"depth {d} + smoothed" for d in (1, 2, 3))]
-    labels, probabilities = segment(segmenter, image, device="cpu")
+    summary = finetune(segmenter, brain[0], strokes, features=features, device="cpu", progress=reports.append)
+    return segmenter, features, summary, reports
+
+
+def test_forest_on_filters_and_levels_segments_unpainted_slices(trained, brain, strokes):
+    image, truth = brain
+    segmenter, features, summary, reports = trained
+    # grey value + 3 sigmas x (gaussian, gradient, log, 3 Hessian eigenvalues) + levels to stride 16
+    assert summary["channels"] == 1 + 3 * 6 + (16 + 24 + 32 + 96) == len(default_spec(segmenter.encoder).names(
+        segmenter.encoder))
+    assert summary["voxels"] == int((strokes > 0).sum())
+    assert summary["classes"] == [2, 3, 4] == np.unique(strokes[strokes > 0]).tolist()  # no background here
+    assert list(dict.fromkeys(r.phase for r in reports)) == ["features", "encode", "fit"]
+    labels, probabilities = segment(segmenter, image, features=features, device="cpu")
     assert labels.shape == image.shape and labels.dtype == np.uint8
     assert probabilities.shape == (4, *image.shape) and probabilities.dtype == np.float16
     np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1, atol=5e-3)
-    unpainted = np.ones(image.shape[0], dtype=bool)
-    unpainted[np.unique(np.nonzero(strokes)[0])] = False
-    for cls in (3, 4):  # grey and white matter; measured 0.93-0.96
-        assert dice_scores(labels[unpainted], truth[unpainted], [cls])[cls] > 0.85
+    np.testing.assert_array_equal(labels, probabilities.argmax(0) + 1)
+    unpainted = _unpainted(strokes)
+    scores = dice_scores(labels[unpainted], truth[unpainted], [3, 4])
+    assert scores[3] > 0.85 and scores[4] > 0.85, scores  # grey and white matter
 
-    # Save and reload: the same predictions.
-    written = save_segmenter(segmenter, tmp_path / "model")
-    names = ["encoder.json", "encoder.safetensors", "head.safetensors", "segmenter.json"]
-    assert sorted(p.name for p in written) == names
-    reloaded = load_segmenter(tmp_path / "model")
-    assert reloaded.class_names == segmenter.class_names and reloaded.depth == segmenter.depth
-    assert reloaded.smooth == segmenter.smooth and reloaded.smoothing == (1.0, 2.0, 4.0)
-    again, _ = segment(reloaded, image, device="cpu")
-    np.testing.assert_array_equal(again, labels)
 
-    # Warm start: more strokes, training continues from the model and reuses the features.
+def test_retraining_computes_only_new_voxels(imagenet_3d, brain, strokes):
+    image, truth = brain
+    segmenter = Segmenter(imagenet_3d, TISSUES)
+    features = segmenter.features(image)
+    finetune(segmenter, image, strokes, features=features, device="cpu")
+    first = dict(features.columns)
     more = paint_strokes(truth, slices=7, strokes_per_class=3, seed=1)
     more[strokes > 0] = strokes[strokes > 0]
-    steps_before, depth = segmenter.trained_steps, segmenter.depth
     reports = []
-    finetune(segmenter, image, more, steps=20, device="cpu", progress=reports.append)
-    assert reports[0].message == "encoder features reused from the cache"
-    assert segmenter.trained_steps == steps_before + 20 and segmenter.depth == depth
+    summary = finetune(segmenter, image, more, features=features, device="cpu", progress=reports.append)
+    assert not any(r.phase == "encode" for r in reports)  # the block was kept: no encoder pass
+    assert summary["voxels"] == segmenter.trained_voxels == int((more > 0).sum())
+    assert len(features.columns) == int((more > 0).sum())
+    for key, column in first.items():  # voxels computed the first time are read back, not recomputed
+        assert features.columns[key] is column
 
 
-def test_cancel_keeps_best_model(imagenet_3d, brain, strokes):
+def test_segmenter_round_trip_and_old_format(trained, brain, tmp_path):
+    import json
+
+    import safetensors.numpy
+
     image, _ = brain
-    segmenter = Segmenter(imagenet_3d, 4)
-    job = finetune_job(segmenter, image, strokes, steps=100, select_depth=False, device="cpu")
-    for report in job:
-        if report.loss is not None and report.step == 25:
-            break
-    job.close()
-    assert segmenter.trained_steps == 25
-    # The held-out loss was evaluated at steps 1, 10 and 20; the segmenter holds the best of those.
-    assert segmenter.depth == 3
-    labels, _ = segment(segmenter, image[:8], device="cpu")
-    assert labels.shape == (8, *image.shape[1:])
+    segmenter, features, _, _ = trained
+    labels, probabilities = segment(segmenter, image, features=features, device="cpu")
+    written = save_segmenter(segmenter, tmp_path / "model")
+    names = ["encoder.json", "encoder.safetensors", "forest.safetensors", "segmenter.json"]
+    assert sorted(p.name for p in written) == names
+    assert "values" in safetensors.numpy.load_file(tmp_path / "model" / "forest.safetensors")  # arrays, no pickle
+    reloaded = load_segmenter(tmp_path / "model")
+    assert reloaded.class_names == TISSUES and reloaded.spec == segmenter.spec
+    again, again_probabilities = segment(reloaded, image, device="cpu")
+    np.testing.assert_array_equal(again, labels)
+    np.testing.assert_array_equal(again_probabilities, probabilities)
+    # What version 1 (an MLP head on hypercolumns) wrote is refused with how to retrain.
+    config_path = tmp_path / "model" / "segmenter.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "version": 1}))
+    with pytest.raises(ValueError, match=r"format version 1.*retrain with `crossd finetune IMAGE STROKES --model"):
+        load_segmenter(tmp_path / "model")
+
+
+def test_segment_writes_labels_into_a_memmap(trained, brain, tmp_path):
+    image, _ = brain
+    segmenter, features, _, _ = trained
+    expected, _ = segment(segmenter, image, features=features, device="cpu", probabilities=False)
+    out = np.lib.format.open_memmap(tmp_path / "labels.npy", mode="w+", dtype=np.uint8, shape=image.shape)
+    labels, probabilities = segment(segmenter, image, features=features, device="cpu", probabilities=False, out=out)
+    assert labels is out and probabilities is None
+    out.flush()
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 2, 2\); expected the volume's"):
+        segment(segmenter, image, device="cpu", out=np.zeros((2, 2, 2), np.uint8))
+
+
+def test_blocks_tile_the_volume_and_match_the_whole(imagenet_3d, mni_sample):
+    image = mni_sample.image[60:108, 40:200, 40:136]  # 48 x 160 x 96 of real T1
+    spec = default_spec(imagenet_3d)
+    whole = VolumeFeatures(image, imagenet_3d, spec)
+    budget = int(48 * 144 * 96 * spec.bytes_per_voxel(imagenet_3d))  # one cut along Y fits (halo 32 each side)
+    small = VolumeFeatures(image, imagenet_3d, spec, block_bytes=budget)
+    assert len(whole.boxes) == 1 and [b[1] for b in small.boxes] == [slice(0, 80), slice(80, 160)]
+    covered = np.zeros(image.shape, dtype=int)
+    for box in small.boxes:
+        covered[box] += 1
+    assert (covered == 1).all()  # every voxel in exactly one block
+    cpu = torch.device("cpu")
+    dense = {}
+    for source in (whole, small):
+        out = np.zeros((source.channels, *image.shape), np.float32)
+        for _, payload in source.chunks_job(cpu):
+            if payload is not None:
+                out[(slice(None), *payload[0])] = payload[1].numpy()
+        dense[len(source.boxes)] = out
+    one, many = dense[1], dense[len(small.boxes)]
+    filters = 1 + 18  # grey value and filter bank: exact in blocks (their halo covers the filters' reach)
+    np.testing.assert_allclose(many[:filters], one[:filters], atol=2e-5)
+    # Encoder levels: a block's halo is two deepest strides, not the whole receptive field.
+    # Measured relative L2 error at strides 2, 4, 8, 16 (MobileNetV2): 0.27 %, 0.31 %, 1.1 %, 10 %.
+    for (lo, hi), bound in zip(((19, 35), (35, 59), (59, 91), (91, 187)), (0.01, 0.01, 0.03, 0.15), strict=True):
+        error = np.linalg.norm(many[lo:hi] - one[lo:hi]) / np.linalg.norm(one[lo:hi])
+        assert error < bound, (lo, error)
+    # Training reads the vectors prediction does (to float rounding: points vs a dense box).
+    coords = np.array([[3, 5, 7], [40, 60, 2], [20, 79, 63], [20, 80, 95]])
+    np.testing.assert_allclose(run_job(small.columns_job(coords, cpu)), many[:, coords[:, 0], coords[:, 1],
+                                                                            coords[:, 2]].T, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -286,7 +362,21 @@ def test_cancel_keeps_best_model(imagenet_3d, brain, strokes):
 def test_bad_annotations_are_refused(imagenet_3d, brain, strokes, paint, message):
     segmenter = Segmenter(imagenet_3d, 4)
     with pytest.raises(ValueError, match=message):
-        finetune(segmenter, brain[0], paint(strokes), steps=1, device="cpu")
+        finetune(segmenter, brain[0], paint(strokes), device="cpu")
+    assert not segmenter.trained
+
+
+def test_annotations_are_one_rule():
+    labels = np.zeros((4, 6, 6), dtype=np.uint16)
+    labels[1, 1:3, 1] = 1
+    labels[2, 4, 2:5] = 3  # classes 1 and 3: class 2 unpainted is allowed
+    annotations = Annotations.from_labels(labels)
+    assert annotations.num_classes == 3 and annotations.painted_classes == [1, 3] and len(annotations) == 5
+    assert annotations.groups().tolist() == [1, 1, 2, 2, 2]  # painted planes along the axis with fewest
+    with pytest.raises(ValueError, match="for this model's 2 classes; found 3"):
+        Annotations.from_labels(labels, num_classes=2)
+    with pytest.raises(ValueError, match=r"Expected a 3D label volume \(Z, Y, X\), got shape \(6, 6\)"):
+        Annotations.from_labels(labels[0])
 
 
 def test_untrained_segmenter_refuses_to_segment(imagenet_3d, brain):
@@ -294,87 +384,85 @@ def test_untrained_segmenter_refuses_to_segment(imagenet_3d, brain):
         segment(Segmenter(imagenet_3d, 2), brain[0], device="cpu")
 
 
-def test_full_finetuning_trains_the_encoder(imagenet_3d, brain, strokes):
+def test_cancel_leaves_the_segmenter_as_it_was(trained, brain, strokes):
+    image, _ = brain
+    segmenter, features, _, _ = trained
+    forest = segmenter.classifier.forest
+    before, _ = segment(segmenter, image[:8], device="cpu", probabilities=False)
+    fresh = Segmenter(segmenter.encoder, TISSUES)
+    for source, target in ((segmenter, None), (fresh, None)):
+        job = finetune_job(source, image, strokes, device="cpu")  # no cache: the encoder has to run
+        for report in job:
+            if report.phase == "encode":
+                break
+        job.close()
+    assert segmenter.classifier.forest is forest and not fresh.trained
+    np.testing.assert_array_equal(segment(segmenter, image[:8], device="cpu", probabilities=False)[0], before)
+
+
+def test_full_finetuning_trains_a_copy_of_the_encoder(imagenet_3d, brain, strokes):
     image, _ = brain
     segmenter = Segmenter(imagenet_3d, 4)
-    before = segmenter.encoder.features[0][0].weight.detach().clone()
-    summary = finetune(segmenter, image, strokes, steps=12, full=True, crop=32, device="cpu")
-    assert summary["depth"] == 3 and summary["smooth"] and np.isfinite(summary["best_loss"])
-    after = segmenter.encoder.features[0][0].weight.detach()
-    assert not torch.equal(before, after)  # the best model kept is one with a trained encoder
+    before = imagenet_3d.features[0][0].weight.detach().clone()
+    reports = []
+    summary = finetune(segmenter, image, strokes, full=True, steps=12, crop=32, device="cpu", progress=reports.append)
+    losses = [r.loss for r in reports if r.phase == "encoder"]
+    assert len(losses) == summary["encoder"]["steps"] == 12 and all(np.isfinite(losses))
+    assert segmenter.encoder is not imagenet_3d
+    assert not torch.equal(segmenter.encoder.features[0][0].weight, before)  # the best encoder is a trained one
     assert torch.equal(imagenet_3d.features[0][0].weight, before)  # the caller's network untouched
     labels, _ = segment(segmenter, image[:8], device="cpu")
     assert set(np.unique(labels)) <= {1, 2, 3, 4}
 
 
-def test_smoothed_grey_values_match_scikit_image_and_stay_in_tiles(imagenet_3d, brain):
-    from skimage.filters import gaussian
+def test_concurrent_jobs_share_a_model_without_changing_it(imagenet_3d, brain):
+    """Two jobs in two threads on one network (the Run and Fine-tune widgets, dask threads):
+    neither moves it, switches its mode or changes a parameter, and each gets what it would alone."""
+    import threading
 
-    image = brain[0][:30, :45, :37]
-    stats = intensity_stats(image, "auto")
-    unit = unit_intensity(image, stats)
-    copies = smoothed_copies(unit, (1.0, 2.5))
-    assert copies.shape == (2, 30, 45, 37) and copies.dtype == torch.float32
-    np.testing.assert_allclose(copies[1].numpy(), gaussian(unit.numpy(), sigma=2.5, mode="nearest"), atol=1e-6)
-    # On the pyramid: the same values on the encoded grid, zero padding to the stride-8 grid.
-    cpu = torch.device("cpu")
-    plain = run_job(encode_job(imagenet_3d, image, stats, levels=[0, 1, 2], device=cpu))
-    pyramid = plain.with_smoothing((1.0, 2.5))
-    assert pyramid.smoothed.shape == (2, 32, 48, 40) and pyramid.padded_shape == (32, 48, 40)
-    torch.testing.assert_close(pyramid.smoothed[:, :30, :45, :37], copies)
-    assert pyramid.smoothed[:, 30:].abs().max() == 0 and pyramid.smoothed[:, :, :, 37:].abs().max() == 0
-    assert pyramid.channels(intensity=True, smoothed=True, depth=0) == 3
-    with pytest.raises(ValueError, match="no smoothed grey values"):
-        plain.sample(torch.zeros(1, 3), intensity=True, smoothed=True)
+    from napari_crossd.engine.pyramid import network_on
 
+    model = copy.deepcopy(imagenet_3d)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    crops = [brain[0][:24, :48, :48], brain[0][24:, 48:, 48:]]
+    alone = [extract_features(model, crop, device="cpu") for crop in crops]
+    results, errors = [None, None], []
 
-def test_smoothed_grey_values_help_on_noisy_nuclei(nuclei_block):
-    """Confocal nuclei from scribbles: smoothed grey values beat the raw grey value alone (our
-    default model's first level; measured Dice 0.959 vs 0.924)."""
-    from napari_crossd.engine import prepare_model
+    def work(i):
+        try:
+            results[i] = extract_features(model, crops[i], tile=32, overlap=0.5, device="cpu")
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
 
-    image, truth, spacing = nuclei_block
-    strokes = paint_strokes(truth, slices=5, strokes_per_class=3, seed=1)
-    unpainted = np.ones(image.shape[0], dtype=bool)
-    unpainted[np.unique(np.nonzero(strokes)[0])] = False
-    model = prepare_model("default")
-    scores = {}
-    for smoothing in ((), (1.0, 2.0, 4.0)):
-        segmenter = Segmenter(model, ["background", "nucleus"], levels=[0], smoothing=smoothing)
-        summary = finetune(segmenter, image, strokes, spacing=spacing, steps=100, device="cpu")
-        labels, _ = segment(segmenter, image, spacing=spacing, device="cpu")
-        scores[smoothing] = (summary["smooth"], dice_scores(labels[unpainted], truth[unpainted], [2])[2])
-    assert scores[()][0] is False and scores[(1.0, 2.0, 4.0)][0] is True, scores
-    assert scores[(1.0, 2.0, 4.0)][1] > 0.93 and scores[(1.0, 2.0, 4.0)][1] > scores[()][1] + 0.015, scores
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors and not model.training
+    assert all(torch.equal(v, state[k]) and v.device.type == "cpu" for k, v in model.state_dict().items())
+    for got, tiled in zip(results, [extract_features(model, c, tile=32, overlap=0.5, device="cpu") for c in crops],
+                          strict=True):
+        np.testing.assert_allclose(got, tiled, atol=1e-5)
+    assert alone[0].shape == results[0].shape
+    # A network in training mode (or on another device) runs as an eval-mode copy.
+    assert network_on(model, torch.device("cpu")) is model
+    model.train()
+    runner = network_on(model, torch.device("cpu"))
+    assert runner is not model and not runner.training and model.training
 
 
-def test_segmenter_saved_before_smoothing_loads_without_it(imagenet_3d, brain, strokes, tmp_path):
-    import json
-
-    segmenter = Segmenter(imagenet_3d, 4, smoothing=())
-    finetune(segmenter, brain[0], strokes, steps=10, select_depth=False, device="cpu")
-    labels, _ = segment(segmenter, brain[0], device="cpu")
-    save_segmenter(segmenter, tmp_path / "old")
-    config_path = tmp_path / "old" / "segmenter.json"
-    config = json.loads(config_path.read_text())
-    del config["smoothing"], config["smooth"]  # what version 1 wrote
-    config_path.write_text(json.dumps(config))
-    reloaded = load_segmenter(tmp_path / "old")
-    assert reloaded.smoothing == () and reloaded.smooth is False
-    np.testing.assert_array_equal(segment(reloaded, brain[0], device="cpu")[0], labels)
-
-
-def test_dask_segmentation(imagenet_3d, brain, strokes):
+def test_dask_segmentation(trained, brain):
     image, _ = brain
-    segmenter = Segmenter(imagenet_3d, 4)
-    finetune(segmenter, image, strokes, steps=30, select_depth=False, device="cpu")  # all levels, smoothed
-    assert segmenter.smooth
-    eager, _ = segment(segmenter, image, device="cpu")
+    segmenter, features, _, _ = trained
+    eager, _ = segment(segmenter, image, features=features, device="cpu", probabilities=False)
     labels, probabilities = segment(segmenter, da.from_array(image, chunks=(24, 48, 48)), device="cpu")
     assert isinstance(labels, da.Array) and labels.shape == image.shape
     assert isinstance(probabilities, da.Array) and probabilities.shape == (4, *image.shape)
+    # Dask blocks of 24 x 48 x 48 see a halo of 16 voxels instead of the whole crop: the
+    # filters are exact, the stride-16 level is not (measured 96.4 % agreement).
     agree = (labels.compute() == eager).mean()
-    assert agree > 0.98
+    assert agree > 0.95, agree
 
 
 def test_dask_graph_runs_in_worker_processes(imagenet_3d, brain):

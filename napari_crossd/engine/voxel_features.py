@@ -8,8 +8,8 @@ Convention:
     The volume is cut into *blocks*: boxes of the source grid that tile it without overlap.
     Each block is computed from the box grown by a *halo* (clipped to the volume) so that
     filters and the encoder see real tissue around it, and every voxel's features come
-    from the one block that holds it: training and prediction read identical values. A
-    volume that fits the memory budget is a single block, computed once and kept by
+    from the one block that holds it: training and prediction read the same values (to
+    float rounding: sampled at points, or sliced and upsampled as a box). A volume that fits the memory budget is a single block, computed once and kept by
     :class:`VolumeFeatures`; bigger ones are slabs (or boxes) computed one at a time, so
     memory grows with the block, not with the volume.
 """
@@ -82,7 +82,7 @@ class FeatureSpec:
         """Voxels of context around a block: exact filters, and a deepest stride of tissue
         for the encoder before the zero padding it would see at a block's edge."""
         deepest = max((int(encoder.feature_info[level]["reduction"]) for level in self.levels), default=0)
-        return max(filter_halo(self.sigmas, self.sets) if self.sigmas else 0, deepest)
+        return max(filter_halo(self.sigmas, self.sets) if self.sigmas else 0, 2 * deepest)
 
     def bytes_per_voxel(self, encoder: nn.Module) -> float:
         filters = len(filter_names(self.sigmas, self.sets)) - 1 if self.sigmas else 0
@@ -104,7 +104,8 @@ class FeatureSpec:
 def block_boxes(shape: Sequence[int], halo: int, max_voxels: int) -> list[tuple[slice, slice, slice]]:
     """Boxes that tile ``shape`` so that each, grown by ``halo``, holds at most ``max_voxels``.
 
-    Slabs along Z first (whole planes keep in-plane context intact), then the plane is cut too.
+    Each cut goes where it shrinks the grown box most (Z first on ties: whole planes keep
+    in-plane context intact and read contiguous memory).
 
     >>> [tuple((s.start, s.stop) for s in box) for box in block_boxes((10, 4, 4), 1, 150)]
     [((0, 5), (0, 4), (0, 4)), ((5, 10), (0, 4), (0, 4))]
@@ -112,16 +113,18 @@ def block_boxes(shape: Sequence[int], halo: int, max_voxels: int) -> list[tuple[
     shape = [int(n) for n in shape]
     splits = [1, 1, 1]
 
-    def grown(axis: int) -> int:
-        return min(shape[axis], math.ceil(shape[axis] / splits[axis]) + 2 * halo)
+    def grown(axis: int, parts: int) -> int:
+        return min(shape[axis], math.ceil(shape[axis] / parts) + 2 * halo)
 
-    while math.prod(grown(axis) for axis in range(3)) > max_voxels:
+    while math.prod(grown(axis, splits[axis]) for axis in range(3)) > max_voxels:
         cuttable = [axis for axis in range(3) if splits[axis] < shape[axis]]
         if not cuttable:
             break
-        # Cut Z until a slab is thin, then the in-plane axes, largest first.
-        axis = 0 if 0 in cuttable and math.ceil(shape[0] / splits[0]) > halo else max(cuttable, key=grown)
-        splits[axis] += 1
+        gain = {axis: grown(axis, splits[axis]) / grown(axis, splits[axis] + 1) for axis in cuttable}
+        best = max(cuttable, key=lambda axis: (gain[axis], -axis))
+        if gain[best] == 1:  # no single cut helps yet (the halo dominates): cut the longest box
+            best = max(cuttable, key=lambda axis: (math.ceil(shape[axis] / splits[axis]), -axis))
+        splits[best] += 1
     edges = [np.linspace(0, n, k + 1).round().astype(int) for n, k in zip(shape, splits, strict=True)]
     return [
         tuple(slice(int(e[i]), int(e[i + 1])) for e, i in zip(edges, index, strict=True))
