@@ -145,17 +145,18 @@ def test_workflow_features_finetune_predict_save_reload(
     np.testing.assert_array_equal(strokes_layer.data, painted)
     strokes_layer.metadata["class_names"] = ["background", "other", "grey matter", "white matter"]
 
-    # Fine-tune 40 steps with a live loss curve, drawn in the GUI thread while the job runs.
-    tune.steps.value = 40
+    # Train: features of the painted voxels, then the forest; no loss curve (nothing is
+    # trained by gradient steps unless the encoder is fine-tuned too).
     tune.train()
     assert tune.runner.busy
     wait_idle(qtbot, tune)
     assert tune.runner.last_status == "done", tune.runner.last_error
-    # One loss per training step: 40 for each candidate head the engine tries.
-    assert tune.total_steps % 40 == 0 and len(tune.losses) == len(tune.loss_plot.values) == tune.total_steps
-    assert np.isfinite(tune.losses).all() and tune.losses[-1] < tune.losses[0]
+    assert tune.phase == "fit" and tune.losses == [] and tune.loss_plot.values == []
+    assert tune.status.value.startswith(f"trained on {int((painted > 0).sum()):,} painted voxels, classes [1, 2, 3, 4]")
     segmenter = session.segmenter
     assert segmenter is not None and segmenter.class_names[2] == "grey matter"
+    features = session.features
+    assert features is not None and features.block is not None  # kept for Predict and retraining
 
     # Predict: a new Labels layer on the image grid, checked against the tissue labels.
     tune.predict()
@@ -169,12 +170,17 @@ def test_workflow_features_finetune_predict_save_reload(
     for c, floor in DICE_FLOORS.items():
         assert scores[c] >= floor, scores
 
-    # Retraining continues from the same segmenter (warm start).
-    trained = segmenter.trained_steps
-    tune.steps.value = 5
+    # A corrective round: more strokes, Train again. The same segmenter and its cached
+    # features: only the new voxels' features are computed, the encoder does not run again.
+    more = paint_strokes(truth, slices=2, seed=3)
+    for cls in range(1, 5):
+        strokes_layer.data_setitem(tuple(np.nonzero((more == cls) & (painted == 0))), cls)
+    block = features.block
     tune.train()
     wait_idle(qtbot, tune)
-    assert session.segmenter is segmenter and segmenter.trained_steps > trained
+    assert tune.runner.last_status == "done", tune.runner.last_error
+    assert session.segmenter is segmenter and session.features is features and features.block is block
+    assert segmenter.trained_voxels == int((strokes_layer.data > 0).sum()) > int((painted > 0).sum())
 
     # Save, reload, and predict the same labels with the reloaded model.
     tune.folder.value = str(tmp_path / "segmenter")
@@ -258,31 +264,38 @@ def test_cancel_and_failure_keep_layers(qtbot, viewer_with_crop, mni_crop_files,
     strokes.data_setitem(tuple(np.nonzero(painted)), painted[np.nonzero(painted)])
     before = snapshot(viewer)
 
-    # Only one class painted: refused with the reason before any work starts.
+    # Only one class painted: refused with the engine's reason before any work starts.
     one_class = viewer.add_labels(np.where(painted == 1, 1, 0).astype(np.uint8), name="one class")
     tune.strokes.value = one_class
     tune.train()
-    assert errors[-1] == "strokes layer 'one class' has one class: paint at least two classes (labels 1 and 2)"
+    assert errors[-1] == ("Only class 1 is annotated: paint strokes of at least two classes so there is "
+                          "something to tell apart.")
     viewer.layers.remove(one_class)
 
-    # Cancel during training: no new layer, strokes unchanged.
+    # Cancel while the encoder is fine-tuned: no new layer, strokes unchanged, no model.
     tune.strokes.value = strokes
+    tune.full.value = True
     tune.steps.value = 2000
     tune.train()
     qtbot.waitUntil(lambda: len(tune.losses) >= 2, timeout=WAIT_MS)
     tune.cancel_button.changed.emit(True)
     wait_idle(qtbot, tune)
     assert tune.runner.last_status == "cancelled"
-    assert 2 <= len(tune.losses) < 2000
+    assert 2 <= len(tune.losses) < 2000 and len(tune.loss_plot.values) == len(tune.losses)
     assert_unchanged(viewer, before)
-    # The best model so far is kept for Predict and for training on.
-    assert tune.session.segmenter is not None and tune.status.value.startswith("cancelled after")
+    assert tune.session.segmenter is None and tune.status.value.startswith("training cancelled")
+
+    # Trained once (frozen encoder), for the failure below.
+    tune.full.value = False
+    tune.train()
+    wait_idle(qtbot, tune)
+    assert tune.runner.last_status == "done", tune.runner.last_error
 
     # A failure inside the engine (labels that do not fit the volume, sneaked past the widget's
     # checks) arrives as a notification; layers stay as they were.
     from napari_crossd.engine import finetune_job
 
-    tune.runner.start(lambda: finetune_job(tune.session.segmenter, image.data, painted[:5], steps=2),
+    tune.runner.start(lambda: finetune_job(tune.session.segmenter, image.data, painted[:5]),
                       lambda _: None, "Fine-tune")
     wait_idle(qtbot, tune)
     assert tune.runner.last_status == "failed"
