@@ -106,10 +106,12 @@ def test_features_finetune_segment_on_nifti_keep_the_grid(mni_crop_files, tmp_pa
     assert scores[3] > 0.8  # grey matter
     assert np.load(tmp_path / "p.npy").shape == (4, *truth.shape)
 
-    # training again from the saved directory continues (warm start)
-    assert main(["finetune", str(mni_crop_files["t1"]), str(strokes_path), "--model", str(model_dir), "--steps", "5",
+    # training again from the saved directory: its encoder, classes and features, refit on these strokes
+    assert main(["finetune", str(mni_crop_files["t1"]), str(strokes_path), "--model", str(model_dir),
                  "--device", "cpu", "--out", str(tmp_path / "model2")]) == 0
-    assert "continuing from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"retraining {model_dir} ({int((strokes > 0).sum()):,} voxels last time)" in out
+    assert f"trained on {int((strokes > 0).sum()):,} painted voxels of classes [1, 2, 3, 4]" in out
 
 
 def test_volume_commands_report_bad_input(mni_crop_files, tmp_path, capsys):
