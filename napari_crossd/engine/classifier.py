@@ -26,6 +26,7 @@ class ForestClassifier:
         trees: number of trees; prediction time grows with it (32: about 3 us per voxel on 2
             CPU threads).
         max_depth: depth limit (None: grown until pure); bounds the prediction time.
+        max_features: channels tried per split (scikit-learn's meaning).
         seed: the forest's random state.
 
     Example:
@@ -35,10 +36,13 @@ class ForestClassifier:
         [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
 
-    def __init__(self, num_classes: int, *, trees: int = 32, max_depth: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, num_classes: int, *, trees: int = 32, max_depth: int | None = None, max_features="sqrt", seed: int = 0
+    ) -> None:
         self.num_classes = int(num_classes)
         self.trees = int(trees)
         self.max_depth = max_depth
+        self.max_features = max_features
         self.seed = int(seed)
         self.forest: RandomForestClassifier | None = None
 
@@ -47,13 +51,14 @@ class ForestClassifier:
         return self.forest is not None
 
     def config(self) -> dict:
-        return {"kind": "random forest", "trees": self.trees, "max_depth": self.max_depth, "seed": self.seed}
+        return {"kind": "random forest", "trees": self.trees, "max_depth": self.max_depth,
+                "max_features": self.max_features, "seed": self.seed}
 
     def _new_forest(self) -> RandomForestClassifier:
         return RandomForestClassifier(
             n_estimators=self.trees,
             max_depth=self.max_depth,
-            max_features="sqrt",
+            max_features=self.max_features,
             class_weight="balanced_subsample",  # strokes of one class may outnumber another's
             n_jobs=torch.get_num_threads(),
             random_state=self.seed,
@@ -105,7 +110,8 @@ class ForestClassifier:
                 f"The saved forest lacks the node fields {missing} of this scikit-learn ({NODE_DTYPE.names}): "
                 "it was saved by an incompatible version; retrain it from the strokes."
             )
-        classifier = cls(num_classes, trees=config["trees"], max_depth=config["max_depth"], seed=config["seed"])
+        classifier = cls(num_classes, trees=config["trees"], max_depth=config["max_depth"],
+                         max_features=config.get("max_features", "sqrt"), seed=config["seed"])
         classes, n_features = state["classes"], int(state["num_features"][0])
         forest = classifier._new_forest()
         forest.estimators_ = []

@@ -71,6 +71,9 @@ _SECOND = ((2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1))
 _AXES = (2, 1, 0)
 
 
+_EIGEN_VOXELS = 1 << 20
+
+
 def _check_sigmas(sigmas: Sequence[float]) -> tuple[float, ...]:
     sigmas = tuple(float(s) for s in sigmas)
     if not sigmas or not all(math.isfinite(s) and s > 0 for s in sigmas):
@@ -210,6 +213,15 @@ def symmetric_eigenvalues(a: torch.Tensor) -> torch.Tensor:
     return torch.stack([first, 3 * q - first - third, third]).to(a.dtype)
 
 
+def _eigenvalues_into(out: torch.Tensor, components: list[torch.Tensor]) -> None:
+    """:func:`symmetric_eigenvalues` of ``components`` (6 of ``(Z, Y, X)``) written into ``out``
+    ``(3, Z, Y, X)`` a few planes at a time: its float64 temporaries (some 120 bytes a voxel)
+    then stay small whatever the block."""
+    planes = max(1, _EIGEN_VOXELS // (out.shape[2] * out.shape[3]))
+    for z in range(0, out.shape[1], planes):
+        out[:, z : z + planes] = symmetric_eigenvalues(torch.stack([c[z : z + planes] for c in components]))
+
+
 def _bank_padded(padded: torch.Tensor, sigmas: tuple[float, ...], sets: tuple[str, ...], halo: int) -> torch.Tensor:
     """The filter bank of the interior of ``padded`` (its input extended by ``halo`` each side)."""
     inner = tuple(slice(halo, n - halo) for n in padded.shape)
@@ -229,9 +241,9 @@ def _bank_padded(padded: torch.Tensor, sigmas: tuple[float, ...], sets: tuple[st
             elif name == "log":
                 out[c] = d[2, 0, 0] + d[0, 2, 0] + d[0, 0, 2]
             elif name == "hessian":
-                out[c : c + 3] = symmetric_eigenvalues(torch.stack([d[o] for o in _SECOND]))
+                _eigenvalues_into(out[c : c + 3], [d[o] for o in _SECOND])
             else:
-                out[c : c + 3] = symmetric_eigenvalues(_structure_tensor(padded, sigma, halo))
+                _eigenvalues_into(out[c : c + 3], list(_structure_tensor(padded, sigma, halo)))
             c += len(_CHANNELS[name])
         del d
     return out

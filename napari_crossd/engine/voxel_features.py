@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_BLOCK_BYTES", "DEFAULT_SETS", "FeatureSpec", "VolumeFeatures
 DEFAULT_SETS = ("gaussian", "gradient", "log", "hessian")
 # Features of one block (filter responses at full resolution dominate: 4 bytes each) are
 # kept within this budget; a 200^3 volume with the default spec is one block.
-DEFAULT_BLOCK_BYTES = 3 << 29
+DEFAULT_BLOCK_BYTES = 1 << 30
 # Voxels classified at once: (voxels x channels) float32 of about 128 MB.
 _CHUNK_VALUES = 1 << 25
 
