@@ -9,7 +9,8 @@ Convention:
     Each block is computed from the box grown by a *halo* (clipped to the volume) so that
     filters and the encoder see real tissue around it, and every voxel's features come
     from the one block that holds it: training and prediction read the same values (to
-    float rounding: sampled at points, or sliced and upsampled as a box). A volume that fits the memory budget is a single block, computed once and kept by
+    float rounding: sampled at points, or sliced and upsampled as a box). A volume that
+    fits the memory budget is a single block, computed once and kept by
     :class:`VolumeFeatures`; bigger ones are slabs (or boxes) computed one at a time, so
     memory grows with the block, not with the volume.
 """
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .devices import release_memory
 from .features import feature_channels
 from .filters import filter_halo, filter_names
 from .jobs import Job, Progress
@@ -210,6 +212,7 @@ class VolumeFeatures:
         if self.spec.sigmas:
             yield Progress(0, None, f"filter bank of block {index + 1}/{len(self.boxes)}", phase="features")
             pyramid = pyramid.with_filters(self.spec.sigmas, self.spec.sets)
+            release_memory(device)  # the filters' temporaries
         self.block = (index, pyramid)
         return pyramid
 
