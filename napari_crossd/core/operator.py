@@ -11,7 +11,7 @@ products and the quarter turn (a column gather).
 Why it is written this way: on a GPU the cost of a small layer is the number of kernel
 launches, on a CPU the number of dispatched operations, not the arithmetic. Autograd over
 the ~20 shears of the direct computation and their trigonometry took ~400 operations per
-layer and step; here the forward is ~45 and the backward ~15 (see
+layer and step; here the operator's forward and backward take ~55 (see
 ``tests/test_core.py::test_layer_compute_operations_are_few``):
 
 * the plane matrices and their derivatives in the rotation come from one complex-step
@@ -157,23 +157,24 @@ class _RotationOperator(torch.autograd.Function):
         matrices = _volume_matrices(planes[:, 0].real.to(dtype), size)
         nearest = nearest[::components]
         inverse = _inverse_quarter_turn_sources(size, rotation.device)[nearest][:, None, :]
-        rows = size**2 * (size // 2) if central_plane else 0
-        partial = matrices[:, 5, rows : rows + (size**2 if central_plane else size**3)]
-        inputs = [partial]
+        start = size**2 * (size // 2) if central_plane else 0
+        count = size**2 if central_plane else size**3
+        partial = matrices[:, 5, start : start + count]  # the rows of D5 that M keeps
+        factors = []  # the left factor of the products by D4, D3, D2, D1, D0
         for index in (4, 3, 2, 1, 0):
             if index == _QUARTER_TURN_AFTER:
                 partial = partial.gather(-1, inverse.expand_as(partial))
-            inputs.append(partial)
+            factors.append(partial)
             partial = torch.bmm(partial, matrices[:, index])
         if needs_grad:
             derivatives = (planes.imag / COMPLEX_STEP).to(dtype)
-            ctx.save_for_backward(matrices, derivatives, nearest, *inputs[1:])
-            ctx.rows, ctx.size = (rows, inputs[0].shape[1]), size
+            ctx.save_for_backward(matrices, derivatives, nearest, *factors)
+            ctx.rows, ctx.size = (start, count), size
         return partial
 
     @staticmethod
     def backward(ctx, grad):
-        matrices, derivatives, nearest, *inputs = ctx.saved_tensors
+        matrices, derivatives, nearest, *factors = ctx.saved_tensors
         size = ctx.size
         sources = _turn_sources(size, grad.device)[nearest][:, None, :]
         grads = [grad]  # with respect to the output of the product by D0, D1, ..., D5
@@ -185,8 +186,8 @@ class _RotationOperator(torch.autograd.Function):
         which, _, _, positions, identity = _volume_layout(size, grad.device)
         start, count = ctx.rows
         selector = identity[start : start + count].to(grad.dtype).expand_as(grad)
-        factors = torch.stack([*inputs[::-1], selector], dim=1)  # the left factor of each D
-        grad_matrices = torch.bmm(factors.flatten(0, 1).transpose(-1, -2), torch.stack(grads, dim=1).flatten(0, 1))
+        lefts = torch.stack([*factors[::-1], selector], dim=1)  # the left factor of D0, ..., D5
+        grad_matrices = torch.bmm(lefts.flatten(0, 1).transpose(-1, -2), torch.stack(grads, dim=1).flatten(0, 1))
         grad_planes = grad_matrices.view(len(grad), -1)[:, which * size**6 + positions].sum(-1)  # (R, 6, k^4)
         grad_rotation = torch.bmm(derivatives.flatten(2), grad_planes.view(len(grad), -1, 1))
         return grad_rotation[..., 0], None, None, None
