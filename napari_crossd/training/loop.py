@@ -80,6 +80,8 @@ class PretrainConfig:
         rotation_mode: ``"fourier"`` (exact rotation) or ``"reference"`` (the official computation).
         epochs: total number of epochs (the cosine schedule spans them).
         batch_size: total over all processes; each of N processes takes ``batch_size / N``.
+            A data set smaller than one batch trains with the batch that fits (its images
+            split evenly over the processes), one step per epoch.
         lr: peak learning rate.
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
         momentum: SGD momentum.
@@ -720,7 +722,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="exact Fourier rotation or the official computation (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=d["epochs"], help="total epochs (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d["batch_size"],
-                        help="total batch over all processes (default: %(default)s)")
+                        help="total batch over all processes (default: %(default)s; a smaller data set "
+                             "trains with the batch that fits, one step per epoch)")
     parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: %(default)s)")
     parser.add_argument("--optimizer", default=d["optimizer"], choices=("sgd", "adamw"),
                         help="(default: %(default)s)")
