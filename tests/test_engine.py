@@ -245,12 +245,18 @@ def trained(imagenet_3d, brain, strokes):
 def test_forest_on_filters_and_levels_segments_unpainted_slices(trained, brain, strokes):
     image, truth = brain
     segmenter, features, summary, reports = trained
-    # grey value + 3 sigmas x (gaussian, gradient, log, 3 Hessian eigenvalues) + levels to stride 16
-    assert summary["channels"] == 1 + 3 * 6 + (16 + 24 + 32 + 96) == len(default_spec(segmenter.encoder).names(
-        segmenter.encoder))
+    # Searched: grey value + 3 sigmas x (gaussian, gradient, log, 3 Hessian eigenvalues) + 0..4 levels
+    # (strides 2, 4, 8, 16), one cross-validated F1 each; kept: the chosen prefix.
+    widths = [1 + 3 * 6 + sum((16, 24, 32, 96)[:depth]) for depth in range(5)]
+    assert len(default_spec(segmenter.encoder).names(segmenter.encoder)) == widths[-1] == features.channels
+    choice = summary["levels"]
+    assert len(choice["scores"]) == 5 and all(0 < score <= 1 for score in choice["scores"])
+    assert summary["channels"] == widths[choice["levels"]] == segmenter.spec.channels(segmenter.encoder)
+    assert segmenter.spec.levels == default_spec(segmenter.encoder).levels[: choice["levels"]]
     assert summary["voxels"] == int((strokes > 0).sum())
     assert summary["classes"] == [2, 3, 4] == np.unique(strokes[strokes > 0]).tolist()  # no background here
     assert list(dict.fromkeys(r.phase for r in reports)) == ["features", "encode", "fit"]
+    assert "choosing the encoder levels by cross-validation over painted planes" in [r.message for r in reports]
     labels, probabilities = segment(segmenter, image, features=features, device="cpu")
     assert labels.shape == image.shape and labels.dtype == np.uint8
     assert probabilities.shape == (4, *image.shape) and probabilities.dtype == np.float16
@@ -390,11 +396,9 @@ def test_cancel_leaves_the_segmenter_as_it_was(trained, brain, strokes):
     forest = segmenter.classifier.forest
     before, _ = segment(segmenter, image[:8], device="cpu", probabilities=False)
     fresh = Segmenter(segmenter.encoder, TISSUES)
-    for source, target in ((segmenter, None), (fresh, None)):
-        job = finetune_job(source, image, strokes, device="cpu")  # no cache: the encoder has to run
-        for report in job:
-            if report.phase == "encode":
-                break
+    for source in (segmenter, fresh):
+        job = finetune_job(source, image, strokes, device="cpu")  # no cache: features have to be computed
+        assert next(job).phase == "features"
         job.close()
     assert segmenter.classifier.forest is forest and not fresh.trained
     np.testing.assert_array_equal(segment(segmenter, image[:8], device="cpu", probabilities=False)[0], before)

@@ -37,6 +37,7 @@ from .voxel_features import FeatureSpec, VolumeFeatures
 
 __all__ = [
     "Segmenter",
+    "choose_levels",
     "default_spec",
     "finetune",
     "finetune_job",
@@ -160,6 +161,7 @@ def finetune_job(
     full: bool = False,
     steps: int = 150,
     crop: int = 64,
+    select: bool = True,
     device: str | torch.device = "auto",
     seed: int = 0,
 ) -> Job[dict]:
@@ -180,6 +182,8 @@ def finetune_job(
         full: first fine-tune the encoder on crops around the strokes
             (:func:`.encoder_tuning.tune_encoder_job`, ``steps`` and ``crop``): a new
             encoder, so every feature is computed again.
+        select: on the first training, choose how many encoder levels the features keep
+            (:func:`choose_levels`); later trainings keep the choice.
         device: where the encoder runs.
         seed: seeds the subsample, the forest and the encoder fine-tuning.
 
@@ -187,9 +191,10 @@ def finetune_job(
         :class:`Progress` with a ``phase``: ``"encoder"`` (with ``loss``), ``"features"``, ``"fit"``.
 
     Returns:
-        ``{"voxels", "classes", "channels", "blocks", "encoder"}``: voxels trained on, the
-        classes painted, the feature length, the volume's blocks, and the encoder
-        fine-tuning's summary (``full``) or None.
+        ``{"voxels", "classes", "channels", "blocks", "encoder", "levels"}``: voxels trained
+        on, the classes painted, the feature length, the volume's blocks, the encoder
+        fine-tuning's summary (``full``) or None, and the level choice
+        (:func:`choose_levels`) or None.
     """
     check_volume(volume)
     annotations = Annotations.from_labels(labels, volume.shape, segmenter.num_classes).subsample(max_points, seed)
@@ -210,6 +215,11 @@ def finetune_job(
         columns = yield from source.columns_job(annotations.coords, device)
     finally:
         release_memory(device)
+    choice = None
+    if select and not segmenter.trained:
+        yield Progress(0, 1, "choosing the encoder levels by cross-validation over painted planes", phase="fit")
+        segmenter.spec, choice = choose_levels(columns, annotations, segmenter.spec, segmenter.encoder, seed)
+    columns = columns[:, : segmenter.spec.channels(segmenter.encoder)]
     yield Progress(0, 1, f"fitting the forest on {len(annotations):,} painted voxels", phase="fit")
     segmenter.classifier.seed = seed
     segmenter.classifier.fit(columns, annotations.classes)
@@ -221,7 +231,55 @@ def finetune_job(
         "channels": int(columns.shape[1]),
         "blocks": len(source.boxes),
         "encoder": tuning,
+        "levels": choice,
     }
+
+
+# Cross-validation forests are smaller than the final one: the choice needs a ranking, not the last 0.01.
+_CV_TREES = 16
+_CV_FOLDS = 4
+# A candidate with more encoder levels must beat the best simpler one by this much (macro F1).
+_CV_MARGIN = 0.005
+
+
+def choose_levels(
+    columns: np.ndarray, annotations: Annotations, spec: FeatureSpec, encoder: nn.Module, seed: int = 0
+) -> tuple[FeatureSpec, dict | None]:
+    """How many encoder levels to keep, chosen by cross-validation over painted planes.
+
+    Deep levels tell classes apart by where they are; where grey values and filters already
+    do, their hundreds of channels only dilute a forest trained on a few strokes. Each
+    candidate (the filter bank with the first 0, 1, ... levels of ``spec``) trains a small
+    forest on all painted planes but one group of them and is scored by macro F1 on the
+    held-out planes (grouped K-fold: neighbouring voxels of one stroke are near copies);
+    a candidate with more levels must beat the best simpler one by 0.005.
+
+    Returns:
+        ``(spec, {"levels": chosen count, "scores": [F1 per candidate]})``; ``spec`` itself
+        and None when the strokes lie on fewer than two planes (nothing to hold out).
+    """
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import GroupKFold
+
+    groups = annotations.groups()
+    if len(np.unique(groups)) < 2:
+        return spec, None
+    folds = list(GroupKFold(min(_CV_FOLDS, len(np.unique(groups)))).split(columns, annotations.classes, groups))
+    scores = []
+    for depth in range(len(spec.levels) + 1):
+        width = FeatureSpec(spec.levels[:depth], spec.sigmas, spec.sets).channels(encoder)
+        fold_scores = []
+        for train, held in folds:
+            forest = ForestClassifier(annotations.num_classes, trees=_CV_TREES, seed=seed)
+            forest.fit(columns[train, :width], annotations.classes[train])
+            predicted = forest.predict_proba(columns[held, :width]).argmax(1) + 1
+            fold_scores.append(f1_score(annotations.classes[held], predicted, average="macro"))
+        scores.append(float(np.mean(fold_scores)))
+    best = 0
+    for depth, score in enumerate(scores):
+        if score > scores[best] + _CV_MARGIN:
+            best = depth
+    return FeatureSpec(spec.levels[:best], spec.sigmas, spec.sets), {"levels": best, "scores": scores}
 
 
 def finetune(
@@ -241,6 +299,7 @@ def _predict_job(segmenter: Segmenter, source: VolumeFeatures, device, out, prob
     if tuple(labels.shape) != shape:
         raise ValueError(f"out has shape {tuple(labels.shape)}; expected the volume's {shape}.")
     probs = np.empty((segmenter.num_classes, *shape), dtype=np.float16) if probabilities else None
+    channels = segmenter.spec.channels(segmenter.encoder)  # ``source`` may hold more levels (a prefix)
     try:
         for report, payload in source.chunks_job(device):
             yield report
@@ -248,7 +307,7 @@ def _predict_job(segmenter: Segmenter, source: VolumeFeatures, device, out, prob
                 continue
             box, features = payload
             # Voxels as C-ordered rows: a tree reads one voxel's channels at a time.
-            flat = np.ascontiguousarray(features.flatten(1).T.numpy())
+            flat = np.ascontiguousarray(features[:channels].flatten(1).T.numpy())
             p = segmenter.classifier.predict_proba(flat).T.reshape(-1, *features.shape[1:])
             labels[box] = p.argmax(0) + 1
             if probs is not None:

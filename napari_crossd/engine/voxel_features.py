@@ -182,12 +182,14 @@ class VolumeFeatures:
         self.channels = self.spec.channels(self.encoder)
 
     def serves(self, volume, encoder: nn.Module, spec: FeatureSpec, spacing, resample) -> bool:
-        """Whether these features are those of ``volume`` under ``encoder`` and ``spec``
-        (the same objects: a changed image is a new layer or a new array)."""
+        """Whether these features begin with those of ``volume`` under ``encoder`` and ``spec``
+        (the same objects: a changed image is a new layer or a new array). ``spec`` may keep
+        fewer encoder levels: its channels are then the first ones of these."""
         return (
             volume is self.volume
             and encoder is self.encoder
-            and spec == self.spec
+            and (spec.sigmas, spec.sets) == (self.spec.sigmas, self.spec.sets)
+            and self.spec.levels[: len(spec.levels)] == spec.levels
             and spacing_scale(spacing, resample) == self.scale
         )
 

@@ -1,0 +1,106 @@
+"""Peak memory and time of `crossd segment` on memory-mapped uint8 volumes of 128^3, 256^3, 512^3.
+
+Each size runs in its own process (the command line a user would type), so its peak
+resident set (``ru_maxrss`` of that child, from ``os.wait4``) is what the segmentation
+itself needed, libraries included. The volumes are the MNI152 T1 repeated to fill the cube
+(real anatomy, written slab by slab into a ``.npy`` memmap); the model is a 2-class
+segmenter (brain / outside) trained on 5 painted slices of the template.
+
+    python benchmarks/segment_memory.py [--sizes 128 256 512] [--out benchmarks/results/segment_memory_cpu.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(model_dir: Path) -> None:
+    from napari_crossd.datasets import load_mni152, paint_strokes
+    from napari_crossd.engine import Segmenter, finetune, prepare_model, save_segmenter
+
+    sample = load_mni152()
+    truth = np.where(sample.labels > 1, 2, 1).astype(np.uint8)
+    segmenter = Segmenter(prepare_model("default"), ["outside", "brain"])
+    finetune(segmenter, sample.image, paint_strokes(truth, slices=5, seed=0), device="cpu")
+    save_segmenter(segmenter, model_dir)
+
+
+def _volume(path: Path, size: int) -> None:
+    """An ``size``^3 uint8 ``.npy`` of the MNI152 T1 tiled periodically, written slab by slab."""
+    from napari_crossd.datasets import load_mni152
+
+    t1 = load_mni152().image
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(size,) * 3)
+    ys, xs = np.arange(size) % t1.shape[1], np.arange(size) % t1.shape[2]
+    for z in range(size):
+        out[z] = t1[z % t1.shape[0]][np.ix_(ys, xs)]
+    out.flush()
+    del out
+
+
+def _segment(volume: Path, model_dir: Path, out: Path) -> tuple[float, float]:
+    """Wall seconds and peak resident GiB of one `crossd segment` process."""
+    command = [sys.executable, "-m", "napari_crossd.cli", "segment", str(volume), "--model", str(model_dir),
+               "--device", "cpu", "--out", str(out)]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    output = child.stdout.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"crossd segment failed:\n{output}")
+    return seconds, usage.ru_maxrss / 2**20  # kB -> GiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "segment_memory_cpu.md")
+    args = parser.parse_args()
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        _train(work / "model")
+        for size in args.sizes:
+            volume = work / f"t1_{size}.npy"
+            _volume(volume, size)
+            seconds, peak = _segment(volume, work / "model", work / f"seg_{size}.npy")
+            labels = np.load(work / f"seg_{size}.npy", mmap_mode="r")
+            brain = float((labels[::4, ::4, ::4] == 2).mean())
+            rows.append((size, seconds, peak, peak * 2**30 / size**3, brain))
+            print(f"{size}^3: {seconds:.0f} s, peak {peak:.2f} GiB", flush=True)
+            volume.unlink()
+    lines = [
+        "# `crossd segment` on memory-mapped uint8 volumes: peak memory and time",
+        "",
+        f"Run {datetime.date.today()} with `python benchmarks/segment_memory.py` on {platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, CPU, torch {torch.__version__}; 2-class segmenter (default model, "
+        "default features and forest) trained on 5 painted slices of the MNI152 T1; each volume is that T1 tiled "
+        "periodically into a `.npy` memmap, segmented by one `crossd segment` process writing `.npy` labels. "
+        "Peak = the process's maximum resident set (libraries included).",
+        "",
+        "| volume | wall time | peak resident | bytes per voxel | brain fraction (sanity) |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {s}^3 | {t:.0f} s | {p:.2f} GiB | {b:.1f} | {f:.3f} |" for s, t, p, b, f in rows),
+        "",
+    ]
+    args.out.write_text("\n".join(lines))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
