@@ -24,7 +24,7 @@ import copy
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import product
 
 import numpy as np
@@ -177,8 +177,10 @@ class Pyramid:
         origin: encoded-grid position of the first voxel of ``levels`` and ``intensity``
             (not zero for a crop of the volume).
         stats: the intensity statistics ``intensity`` was normalised with.
-        filters: ``(K, Z_p, Y_p, X_p)`` filter-bank responses of ``intensity`` (see
-            :meth:`with_filters`), or None.
+        filters: filter-bank responses of ``intensity`` (see :meth:`with_filters`), one
+            ``(K, Z_p / f, Y_p / f, X_p / f)`` map per stride ``f`` in ``filter_strides``
+            (1: full resolution), or None.
+        filter_strides: the stride of each map in ``filters``.
     """
 
     levels: list[torch.Tensor]
@@ -188,7 +190,8 @@ class Pyramid:
     scale: tuple[float, float, float]
     origin: tuple[int, int, int] = (0, 0, 0)
     stats: IntensityStats | None = None
-    filters: torch.Tensor | None = None
+    filters: list[torch.Tensor] | None = None
+    filter_strides: list[int] = field(default_factory=list)
 
     @property
     def padded_shape(self) -> tuple[int, int, int]:
@@ -196,7 +199,7 @@ class Pyramid:
 
     def channels(self, intensity: bool = False, depth: int | None = None, filters: bool = False) -> int:
         """Length of a hypercolumn from :meth:`sample` with the same arguments."""
-        return sum(m.shape[0] for m in self._maps(intensity, depth, filters))
+        return sum(m.shape[0] for m, _ in self._maps(intensity, depth, filters))
 
     def _grid(self, points: torch.Tensor) -> torch.Tensor:
         # Source voxel o -> encoded coordinate e = (o + 0.5) * scale - 0.5 - origin ->
@@ -213,22 +216,38 @@ class Pyramid:
         """This pyramid with :attr:`filters`: the filter bank of :attr:`intensity` at ``sigmas``
         (encoded voxels; see :mod:`.filters`), without its repeated grey-value channel.
 
-        The bank runs on the encoded grid without its zero padding (borders: nearest voxel),
-        and its responses are padded like :attr:`intensity`.
+        Scales up to :data:`FINE_SIGMA` run at full resolution on the encoded grid without its
+        zero padding (borders: nearest voxel), padded like :attr:`intensity`. Larger ones run
+        at :data:`FINE_SIGMA` on the grey values averaged over ``f``-cubes (``f = sigma /
+        FINE_SIGMA``), a map of stride ``f`` read like an encoder level: a Gaussian that wide
+        has nothing a finer grid would add, and it then costs 1/f^3. Their responses are in
+        units of coarse voxels, which a forest's thresholds do not mind.
         """
         encoded = _encoded_shape(self.source_shape, self.scale)
         unit = self.intensity[tuple(slice(0, n) for n in encoded)]
-        bank = filter_bank(unit, sigmas, sets)[1:]
-        return replace(self, filters=F.pad(bank, _far_padding(encoded, self.padded_shape)))
+        fine = [s for s in sigmas if s <= FINE_SIGMA]
+        maps = [F.pad(filter_bank(unit, fine, sets)[1:], _far_padding(encoded, self.padded_shape))] if fine else []
+        strides = [1] * len(maps)
+        for sigma in (s for s in sigmas if s > FINE_SIGMA):
+            factor = coarse_factor(sigma)
+            if any(n % factor for n in self.padded_shape):
+                raise ValueError(f"The padded grid {self.padded_shape} is not a multiple of {factor} (sigma {sigma}).")
+            coarse = F.avg_pool3d(self.intensity[None, None], factor)[0, 0]
+            inside = [math.ceil(n / factor) for n in encoded]
+            bank = filter_bank(coarse[tuple(slice(0, n) for n in inside)], (sigma / factor,), sets)[1:]
+            maps.append(F.pad(bank, _far_padding(inside, coarse.shape)))
+            strides.append(factor)
+        return replace(self, filters=maps, filter_strides=strides)
 
-    def _maps(self, intensity: bool, depth: int | None, filters: bool) -> list[torch.Tensor]:
+    def _maps(self, intensity: bool, depth: int | None, filters: bool) -> list[tuple[torch.Tensor, int]]:
+        """The maps a hypercolumn reads, with their strides, in order."""
         if filters and self.filters is None:
             raise ValueError("This pyramid has no filter responses: make them with Pyramid.with_filters.")
         levels = self.levels if depth is None else self.levels[:depth]
-        maps = [self.intensity[None]] if intensity else []
+        maps = [(self.intensity[None], 1)] if intensity else []
         if filters:
-            maps.append(self.filters)
-        return maps + levels
+            maps += list(zip(self.filters, self.filter_strides, strict=True))
+        return maps + list(zip(levels, self.strides, strict=False))
 
     def _interpolate(self, points: torch.Tensor, intensity: bool, depth: int | None, filters: bool) -> torch.Tensor:
         """Hypercolumns ``(C, *points.shape[:-1])`` at source-grid points ``(Z', Y', X', 3)``."""
@@ -236,7 +255,7 @@ class Pyramid:
         return torch.cat(
             [
                 F.grid_sample(m[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-                for m in self._maps(intensity, depth, filters)
+                for m, _ in self._maps(intensity, depth, filters)
             ]
         )
 
@@ -267,11 +286,17 @@ class Pyramid:
         upsampled (``F.interpolate``, trilinear) from just the cells around the box."""
         if self.scale != (1.0, 1.0, 1.0) or self.origin != (0, 0, 0):
             return self.sample_grid([torch.arange(s.start, s.stop) for s in box], intensity, depth, filters)
-        maps = self._maps(intensity, depth, filters)
-        full = [m[(slice(None), *box)] for m in maps if m.shape[1:] == self.intensity.shape]
-        levels = maps[len(full) :]
-        return torch.cat([*full, *(_upsampled_box(level, stride, box) for level, stride in
-                                   zip(levels, self.strides, strict=False))])
+        return torch.cat([m[(slice(None), *box)] if stride == 1 else _upsampled_box(m, stride, box)
+                          for m, stride in self._maps(intensity, depth, filters)])
+
+
+FINE_SIGMA = 4.0
+
+
+def coarse_factor(sigma: float) -> int:
+    """The grid stride a filter scale runs at: 1 up to :data:`FINE_SIGMA`, else the power of
+    two that brings it back to about :data:`FINE_SIGMA`."""
+    return 1 if sigma <= FINE_SIGMA else 2 ** round(math.log2(sigma / FINE_SIGMA))
 
 
 def _upsampled_box(level: torch.Tensor, stride: int, box: Sequence[slice]) -> torch.Tensor:
@@ -307,6 +332,7 @@ def encode_job(
     tile: int | None = None,
     overlap: float = 0.25,
     batch: int = 1,
+    multiple: int = 1,
     device: torch.device,
 ) -> Job[Pyramid]:
     """Run the encoder over ``volume`` in overlapping tiles and blend the levels.
@@ -325,6 +351,8 @@ def encode_job(
         tile: tile edge in encoded voxels (default :func:`default_tile`).
         overlap: fraction of the tile shared by neighbouring tiles, in [0, 0.9].
         batch: tiles per forward pass.
+        multiple: pad the encoded grid to a multiple of this too (coarse filter maps need
+            their stride to divide it); a power of two.
         device: where the network runs. The caller's model is never moved or changed (jobs
             in other threads may be using it): it runs as it is when it is already on
             ``device`` in eval mode, else an eval-mode copy on ``device`` does, freed when the
@@ -351,7 +379,8 @@ def encode_job(
     encoded_shape = _encoded_shape(source_shape, scale)
     if encoded_shape != source_shape:
         unit = _resample(unit, encoded_shape)
-    padded = tuple(math.ceil(n / deepest) * deepest for n in encoded_shape)
+    grid = max(deepest, multiple)  # both powers of two
+    padded = tuple(math.ceil(n / grid) * grid for n in encoded_shape)
     intensity = F.pad(unit, _far_padding(encoded_shape, padded))
     channels = input_channels(model)
     normalization = getattr(model, "crossd_meta", {}).get("normalization")

@@ -31,7 +31,7 @@ from .features import feature_channels
 from .filters import filter_halo, filter_names
 from .jobs import Job, Progress
 from .normalize import IntensityStats, check_volume, intensity_stats
-from .pyramid import Pyramid, encode_job, spacing_scale
+from .pyramid import Pyramid, coarse_factor, encode_job, spacing_scale
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "DEFAULT_SETS", "FeatureSpec", "VolumeFeatures", "block_boxes"]
 
@@ -51,12 +51,13 @@ class FeatureSpec:
 
     Attributes:
         levels: indices into the encoder's ``feature_info`` (empty: no deep features).
-        sigmas: scales (encoded voxels) of the filter bank (empty: no filter bank).
+        sigmas: scales (encoded voxels) of the filter bank (empty: no filter bank); those
+            above :data:`.pyramid.FINE_SIGMA` run on coarser grids (:meth:`.Pyramid.with_filters`).
         sets: filter families (of :data:`napari_crossd.engine.filters.FILTER_SETS`).
     """
 
     levels: tuple[int, ...]
-    sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)
+    sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     sets: tuple[str, ...] = DEFAULT_SETS
 
     def __post_init__(self) -> None:
@@ -81,13 +82,20 @@ class FeatureSpec:
         return 1 + filters + feature_channels(encoder, self.levels)
 
     def halo(self, encoder: nn.Module) -> int:
-        """Voxels of context around a block: exact filters, and a deepest stride of tissue
-        for the encoder before the zero padding it would see at a block's edge."""
+        """Voxels of context around a block: exact filters (on their own grids), and two
+        deepest strides of tissue for the encoder before the zero padding at a block's edge."""
         deepest = max((int(encoder.feature_info[level]["reduction"]) for level in self.levels), default=0)
-        return max(filter_halo(self.sigmas, self.sets) if self.sigmas else 0, 2 * deepest)
+        filters = [coarse_factor(s) * filter_halo((s / coarse_factor(s),), self.sets) for s in self.sigmas]
+        return max(*filters, 2 * deepest, 0)
+
+    @property
+    def grid_multiple(self) -> int:
+        """What the encoded grid is padded to a multiple of, for the coarse filter maps."""
+        return max((coarse_factor(s) for s in self.sigmas), default=1)
 
     def bytes_per_voxel(self, encoder: nn.Module) -> float:
-        filters = len(filter_names(self.sigmas, self.sets)) - 1 if self.sigmas else 0
+        per_sigma = (len(filter_names((1.0,), self.sets)) - 1) if self.sigmas else 0
+        filters = sum(per_sigma / coarse_factor(s) ** 3 for s in self.sigmas)
         deep = sum(
             encoder.feature_info[level]["num_chs"] / encoder.feature_info[level]["reduction"] ** 3
             for level in self.levels
@@ -209,7 +217,7 @@ class VolumeFeatures:
         region = np.asarray(self.volume[grown])
         pyramid = yield from encode_job(
             self.encoder, region, self.stats, levels=self.spec.levels, scale=self.scale, tile=self.tile,
-            overlap=self.overlap, batch=self.batch, device=device,
+            overlap=self.overlap, batch=self.batch, multiple=self.spec.grid_multiple, device=device,
         )
         if self.spec.sigmas:
             yield Progress(0, None, f"filter bank of block {index + 1}/{len(self.boxes)}", phase="features")
