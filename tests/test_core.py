@@ -481,3 +481,45 @@ def test_layer_compute_operations_are_few(rotation, limit, kernel_size):
     assert _operations_of_a_training_step(nn.Conv2d(32, 32, 3, padding=1), x) == 7  # the unit: conv, bias, grads
     layer = CrossDConv(32, 32, kernel_size, padding=kernel_size // 2, rotation=rotation).train()
     assert _operations_of_a_training_step(layer, x) <= limit
+
+
+@pytest.mark.parametrize(
+    ("rotation", "size", "bias", "mode"),
+    [("static", 12, True, "fourier"), ("dynamic", 12, True, "fourier"), ("dynamic", 5, False, "fourier"),
+     ("dynamic", 5, False, "reference")],
+    # 12^2 and 5^2 outputs: both dynamic paths
+    ids=["static", "dynamic per-sample kernels", "dynamic mixed taps", "dynamic reference"],
+)
+def test_bfloat16_autocast_training_step_matches_float32(rotation, size, bias, mode):
+    """AMP pretraining: the dynamic layer's backward used to fail (it rebuilt float32 kernels
+    against the bfloat16 gradient), and the reference synthesis refused CPU autocast's
+    bfloat16 rotation. Gradients agree with float32 to a few bfloat16 epsilons."""
+    torch.manual_seed(0)
+    conv = CrossDConv(4, 8, 3, padding=1, bias=bias, rotation=rotation, rotation_mode=mode).train()
+    if rotation == "static":
+        with torch.no_grad():
+            conv.rotation_vector.copy_(torch.tensor([[0.3, -0.2, 0.5]]))
+    x, target = torch.randn(4, 4, size, size), torch.randn(4, 8, size, size)
+
+    def step(autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        layer = copy.deepcopy(conv)  # the same parameters and BatchNorm statistics for both steps
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+            loss = (out.float() - target).square().mean()
+        loss.backward()
+        return out, {name: p.grad for name, p in layer.named_parameters()}
+
+    out, grads = step(autocast=True)
+    assert out.dtype == torch.bfloat16  # as nn.Conv2d under autocast, on both dynamic paths
+    _, wanted = step(autocast=False)
+    # U and the bias come out of bfloat16 GEMMs: ~0.4% here. The rotation's gradient is a
+    # contraction of the bfloat16 operator gradient with much cancellation: 1-3% here, up to
+    # 13% on other seeds (as for any parameter autocast sees through low-precision GEMMs).
+    # The bias before the head's BatchNorm has zero gradient in exact arithmetic, rounding
+    # noise in both steps: hence the absolute part, a small share of the largest gradient.
+    scale = max(float(g.norm()) for g in wanted.values())
+    for name, want in wanted.items():
+        got = grads[name]
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), name
+        rtol = 0.02 if name in ("weights_3d", "bias") else 0.1
+        assert float((got - want).norm()) <= rtol * float(want.norm()) + 1e-3 * scale, name

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._amp import autocast_dtype, backward_without_autocast, cast_for_autocast
 from .operator import rotation_operator, static_kernels
 from .reference import first_order_rotation, reference_operator
 from .rotation import pad_kernels
@@ -58,6 +59,25 @@ def _per_sample_kernels(operator: torch.Tensor, weights: torch.Tensor, size: tup
     # B times and transposed the result (~3x slower on a Cross-D ResNet-18 step).
     kernels = torch.matmul(weights.reshape(-1, weights.shape[-1]), operator.transpose(1, 2))
     return kernels.reshape(-1, weights.shape[1], *size)
+
+
+def _apply_in_one_dtype(function, x, operator, weights, bias, *options) -> torch.Tensor:
+    """``function.apply`` with its tensors in one dtype: autocast's, where autocast is enabled.
+
+    The per-sample Functions rebuild their kernels or taps in backward from the saved tensors.
+    Left to autocast, the forward computed those in bfloat16 / float16 and the backward (run
+    outside the autocast region) rebuilt them in float32 against a low-precision gradient.
+    Casting the inputs here and running the Function with autocast off (what
+    ``torch.amp.custom_fwd(cast_inputs=...)`` does, but for the input's device type) gives
+    both passes the dtype autocast would have used for a plain conv.
+    """
+    device_type = x.device.type
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return function.apply(x, operator, weights, bias, *options)
+    x, operator, weights, bias = cast_for_autocast(dtype, x, operator, weights, bias)
+    with torch.autocast(device_type, enabled=False):
+        return function.apply(x, operator, weights, bias, *options)
 
 
 class _FrozenStatistics:
@@ -98,6 +118,7 @@ class _PerSampleConv2d(torch.autograd.Function):
         return out.reshape(batch, -1, *out.shape[2:])
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_out):
         x, operator, weights = ctx.saved_tensors
         stride, padding, dilation, groups, size, has_bias = ctx.options
@@ -162,6 +183,7 @@ class _MixedTapConv2d(torch.autograd.Function):
         return out.reshape(batch, -1, *out_size)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_out):
         x, operator, weights = ctx.saved_tensors
         stride, padding, dilation, size, has_bias = ctx.options
@@ -326,6 +348,11 @@ class CrossDConv(nn.Module):
     def predict_rotation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The dynamic rotation of each sample: unit axes (B, 3) in (d, h, w) order and angles (B,)."""
         rotation_map = self.rotation_params(x).flatten(2)
+        # The pooling, normalisation and tanh in float32 at least: CUDA autocast would run the
+        # softmax in float32 but CPU autocast keeps bfloat16, and a bfloat16 rotation is
+        # coarse (and one the reference synthesis, complex arithmetic, cannot take).
+        if rotation_map.dtype in (torch.float16, torch.bfloat16):
+            rotation_map = rotation_map.float()
         pooled = (rotation_map * rotation_map.softmax(dim=-1)).sum(dim=-1)
         axis = pooled[:, :3] / (pooled[:, :3].norm(dim=1, keepdim=True) + 1e-8)
         angle = torch.tanh(pooled[:, 3]) * (math.pi / 4)
@@ -442,8 +469,10 @@ class CrossDConv(nn.Module):
             out_size = [(n + 2 * p - d * (self._support - 1) - 1) // s + 1
                         for n, p, d, s in zip(x.shape[2:], padding, dilation, stride, strict=True)]
             if self.groups == 1 and out_size[0] * out_size[1] < MIXED_TAPS_BELOW:
-                return _MixedTapConv2d.apply(x, operator, kernels, self.bias, stride, padding, dilation, size, out_size)
-            return _PerSampleConv2d.apply(x, operator, kernels, self.bias, stride, padding, dilation, self.groups, size)
+                function, options = _MixedTapConv2d, (stride, padding, dilation, size, out_size)
+            else:
+                function, options = _PerSampleConv2d, (stride, padding, dilation, self.groups, size)
+            return _apply_in_one_dtype(function, x, operator, kernels, self.bias, *options)
         kernel = self._cached_static_kernel(spatial)
         x, padding = self._pad(x, kernel.shape[-1])
         conv = F.conv2d if spatial == 2 else F.conv3d

@@ -26,6 +26,7 @@ import functools
 
 import torch
 
+from ._amp import backward_without_autocast
 from .fourier import line_matrices
 from .rotation import (
     _PLANES,
@@ -173,6 +174,7 @@ class _RotationOperator(torch.autograd.Function):
         return partial
 
     @staticmethod
+    @backward_without_autocast  # exact in dtype, as the forward
     def backward(ctx, grad):
         matrices, derivatives, nearest, *factors = ctx.saved_tensors
         size = ctx.size
