@@ -21,11 +21,11 @@ from napari_crossd.io import (
     UnsafeCheckpointError,
     detect_architecture,
     load_model,
+    load_model_with_report,
     load_state_dict_file,
     save_model,
     strip_prefixes,
 )
-from napari_crossd.io.checkpoints import load_model_with_report
 from napari_crossd.io.detect import OFFICIAL_EXTRA_WORDS
 from napari_crossd.models import build_model
 from napari_crossd.models.inflate import inflate

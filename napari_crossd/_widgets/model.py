@@ -15,7 +15,7 @@ __all__ = ["ModelWidget", "load_job"]
 def load_job(checkpoint: str, arch: str, strategy: str, official_shift: str = "keep"):
     """Generator: load a checkpoint, inflate it, describe it. Returns (model2d, model3d, info)."""
     from napari_crossd.engine import Progress, prepare_model
-    from napari_crossd.io.checkpoints import load_model_with_report
+    from napari_crossd.io import load_model_with_report
 
     source = checkpoint or "default"
     yield Progress(0, 3, f"reading {Path(source).name if source != 'default' else 'default weights'}")
