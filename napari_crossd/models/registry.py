@@ -11,6 +11,10 @@ loading, inflation and saving (see :func:`napari_crossd.io.save_model`). Keys se
 - ``normalization``: ``{"name", "mean", "std"}`` the weights expect on input.
 - ``rotation``, ``rotation_mode``: Cross-D settings (``crossd_*`` architectures only).
 
+Loading (:func:`napari_crossd.io.load_model`) adds ``crossd_pointwise``: True when a
+Cross-D ResNet checkpoint converted its 1x1 convolutions too (the official layout; see
+:func:`napari_crossd.models.crossd.convert_to_crossd`'s ``pointwise``).
+
 :func:`napari_crossd.models.inflate.inflate` adds ``strategy``, ``official_shift``,
 ``depth_preserving_stages`` and ``spatial_dims``.
 """
