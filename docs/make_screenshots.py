@@ -123,6 +123,9 @@ def main() -> None:
     inspector.layer.value = inspector.layer.choices[0]
     inspector.show_button.changed.emit(True)
     inspector.angle.value = 45.0
+    # The kernels (and their rotation by 45 degrees) come from the inspector's own LatestJob
+    # queue, not its feature runner: wait for it too, or the shot may show stale kernels.
+    wait(inspector.kernel_jobs, "inspector kernels")
     inspector.show_features()
     wait(inspector, "inspector feature maps")
     inspector.channel.value = 3
