@@ -1,6 +1,6 @@
 """Screenshots of each napari-crossd widget in use, and the GUI responsiveness measurement.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--region slab] [--steps 60]
+    xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--region slab]
 
 Drives a real napari window through the workflow of ``crossd demo`` on the MNI152 sample
 (the "slab" region by default: 48 x 200 x 160 voxels at 1 mm): load the default
@@ -29,7 +29,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--region", default="slab", choices=("full", "slab", "small"))
-    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--no-stall-report", action="store_true", help="do not write benchmarks/results/gui_stall.md")
     args = parser.parse_args()
 
@@ -106,9 +105,8 @@ def main() -> None:
     for cls in range(1, len(MNI_CLASSES) + 1):
         strokes.data_setitem(tuple(np.nonzero(painted == cls)), cls)
     strokes.metadata["class_names"] = list(MNI_CLASSES)
-    tune.steps.value = args.steps
     tune.train()
-    wait(tune, f"fine-tune {args.steps} steps")
+    wait(tune, "train the forest on the strokes")
     tune.predict()
     wait(tune, "predict")
     show_only("MNI152 T1 segmentation", "MNI152 T1 strokes", "MNI152 T1")
