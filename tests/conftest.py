@@ -33,11 +33,11 @@ def mobilenet_v2_imagenet_path() -> Path:
 def mni_t1() -> torch.Tensor:
     """A real T1 MRI crop (16 x 40 x 42 voxels, 1 mm) scaled to [0, 1]: the MNI152 template from nilearn.
 
-    Read by path (``pip install --no-deps nilearn``), without importing nilearn.
+    Read by path (``pip install "napari-crossd[samples]"``), without importing nilearn.
     """
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
-        _missing("nilearn is not installed: pip install --no-deps nilearn")
+        _missing('nilearn is not installed: pip install "napari-crossd[samples]"')
     path = Path(spec.origin).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
     volume = torch.from_numpy(nib.load(path).get_fdata()[70:86, 80:120, 70:112].copy())
     return volume / volume.max()
@@ -54,7 +54,7 @@ def mni_crop_files(tmp_path_factory) -> dict:
     """
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
-        _missing("nilearn is not installed: pip install --no-deps nilearn")
+        _missing('nilearn is not installed: pip install "napari-crossd[samples]"')
     from napari_crossd.datasets import load_mni152, mni152_path
 
     zyx = (slice(60, 92), slice(20, 84), slice(66, 130))
@@ -103,7 +103,7 @@ def crossd_mobilenet_checkpoint(tmp_path_factory, mobilenet_v2_imagenet_path) ->
 def mni_sample():
     """The whole MNI152 T1 template (Z, Y, X) with its tissue labels (napari_crossd.datasets.load_mni152)."""
     if importlib.util.find_spec("nilearn") is None:
-        _missing("nilearn is not installed: pip install --no-deps nilearn")
+        _missing('nilearn is not installed: pip install "napari-crossd[samples]"')
     from napari_crossd.datasets import load_mni152
 
     return load_mni152()

@@ -236,7 +236,7 @@ def test_fashion_mnist_test_split_and_stratified_subset():
 def test_volume_slices_from_real_mri(tmp_path):
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
-        pytest.skip("nilearn is not installed: pip install --no-deps nilearn")
+        pytest.skip('nilearn is not installed: pip install "napari-crossd[samples]"')
     folder = Path(spec.origin).parent / "datasets" / "data"
     listing = tmp_path / "volumes.csv"
     listing.write_text(

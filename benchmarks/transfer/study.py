@@ -85,7 +85,7 @@ ARMS_3D = [
 def _mni() -> tuple[np.ndarray, np.ndarray]:
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
-        raise SystemExit("nilearn is not installed: pip install --no-deps nilearn==0.14.1")
+        raise SystemExit('nilearn is not installed: pip install "napari-crossd[samples]"')
     folder = Path(spec.origin).parent / "datasets" / "data"
 
     def read(name):
