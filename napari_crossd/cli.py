@@ -272,7 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="output folder (--headless)")
     demo.add_argument("--region", choices=tuple(REGIONS),
                       help="part of the MNI152 volume (default: full with a window, slab headless)")
-    demo.add_argument("--steps", type=int, default=60, help="fine-tuning steps (--headless, default 60)")
     demo.add_argument("--strategy", default="i3d", choices=STRATEGIES, help="inflation strategy (default i3d)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (--headless)")
     demo.set_defaults(run=run_demo)

@@ -125,7 +125,6 @@ def run_pipeline(
     out: str | os.PathLike,
     *,
     region: str = "slab",
-    steps: int = 60,
     strategy: str = "i3d",
     device: str = "auto",
     seed: int = 0,
@@ -187,8 +186,8 @@ def run_pipeline(
     log(f"training on {int((strokes > 0).sum())} painted voxels")
     segmenter = Segmenter(model3d, list(MNI_CLASSES))
     cache = segmenter.features(image, spacing=spacing)  # computed once, read by training and segmentation
-    history = run_job(finetune_job(segmenter, image, strokes, features=cache, spacing=spacing, steps=steps,
-                                   device=device, seed=seed), report)
+    history = run_job(finetune_job(segmenter, image, strokes, features=cache, spacing=spacing, device=device,
+                                   seed=seed), report)
     lap("finetune")
     log("segmenting")
     labels, _probabilities = run_job(segment_job(segmenter, image, features=cache, spacing=spacing, device=device,
@@ -213,7 +212,6 @@ def run_pipeline(
         "strategy": strategy,
         "features": list(features.shape),
         "painted_voxels": int((strokes > 0).sum()),
-        "steps": steps,
         "finetune": {k: v for k, v in (history or {}).items() if isinstance(v, (int, float, str, list, bool))},
         "dice": dice,
         "mean_dice": round(float(np.mean(list(dice.values()))), 4),
@@ -274,7 +272,7 @@ def main(args) -> int:
         # The sample's files are what is missing: reported by the CLI as a file error, no traceback.
         raise FileNotFoundError(f"the demo needs the MNI152 sample. {err}") from None
     if args.headless:
-        summary = run_pipeline(args.out, region=args.region or "slab", steps=args.steps, strategy=args.strategy,
+        summary = run_pipeline(args.out, region=args.region or "slab", strategy=args.strategy,
                                device=args.device)
         print(json.dumps({"mean_dice": summary["mean_dice"], "seconds": summary["seconds"]}))
         return 0

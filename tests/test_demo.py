@@ -19,13 +19,13 @@ def test_headless_demo_writes_outputs_without_a_display(tmp_path, mni_t1, mobile
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     done = subprocess.run(
-        [sys.executable, "-m", "napari_crossd.cli", "demo", "--headless", "--region", "small", "--steps", "30",
+        [sys.executable, "-m", "napari_crossd.cli", "demo", "--headless", "--region", "small",
          "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["shape"] == [32, 64, 64] and summary["steps"] == 30
+    assert summary["shape"] == [32, 64, 64] and summary["finetune"]["voxels"] == summary["painted_voxels"]
     assert summary["screenshot"].startswith("composed with numpy (no display)")
     assert {"features.npy", "features_pca.npy", "segmentation.nii.gz", "strokes.nii.gz", "screenshot.png",
             "segmenter", "summary.json"} <= set(summary["outputs"])
