@@ -1,8 +1,9 @@
 """Peak memory and time of `crossd segment` on memory-mapped uint8 volumes of 128^3, 256^3, 512^3.
 
-Each size runs in its own process (the command line a user would type), so its peak
-resident set (``ru_maxrss`` of that child, from ``os.wait4``) is what the segmentation
-itself needed, libraries included. The volumes are the MNI152 T1 repeated to fill the cube
+Each size runs in its own process (the command line a user would type), which reports
+its own peak resident set (``ru_maxrss`` of itself after ``exec``: what ``os.wait4`` says
+of a child also counts the parent's pages it shared before ``exec``), libraries included.
+The volumes are the MNI152 T1 repeated to fill the cube
 (real anatomy, written slab by slab into a ``.npy`` memmap); the model is a 2-class
 segmenter (brain / outside) trained on 5 painted slices of the template.
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import subprocess
 import sys
@@ -50,18 +50,27 @@ def _volume(path: Path, size: int) -> None:
     del out
 
 
+# `crossd segment ...`, then the process's own peak resident set (kB) on the last line.
+_CLI_WITH_PEAK = (
+    "import resource, sys\n"
+    "from napari_crossd.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    "sys.exit(code)\n"
+)
+
+
 def _segment(volume: Path, model_dir: Path, out: Path) -> tuple[float, float]:
     """Wall seconds and peak resident GiB of one `crossd segment` process."""
-    command = [sys.executable, "-m", "napari_crossd.cli", "segment", str(volume), "--model", str(model_dir),
+    command = [sys.executable, "-c", _CLI_WITH_PEAK, "segment", str(volume), "--model", str(model_dir),
                "--device", "cpu", "--out", str(out)]
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
-    output = child.stdout.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"crossd segment failed:\n{output}")
-    return seconds, usage.ru_maxrss / 2**20  # kB -> GiB
+    if done.returncode != 0:
+        raise RuntimeError(f"crossd segment failed:\n{done.stdout}\n{done.stderr}")
+    peak_kb = int(done.stdout.strip().splitlines()[-1].split()[1])
+    return seconds, peak_kb / 2**20  # kB -> GiB
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from napari_crossd import build_model
 from napari_crossd.datasets import dice_scores, paint_strokes
 from napari_crossd.engine import (
     Annotations,
+    FeatureSpec,
     Progress,
     Segmenter,
     VolumeFeatures,
@@ -323,6 +324,42 @@ def test_segment_writes_labels_into_a_memmap(trained, brain, tmp_path):
         segment(segmenter, image, device="cpu", out=np.zeros((2, 2, 2), np.uint8))
 
 
+class _ReadLog:
+    """A (Z, Y, X) array that records each read and refuses to be read whole (what a
+    memory-mapped volume bigger than memory needs)."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, key):
+        part = self.array[key]
+        self.reads.append(part.size)
+        return part
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole volume was read at once")
+
+
+def test_segmentation_reads_the_volume_block_by_block(imagenet_3d, brain, strokes):
+    image, _ = brain
+    spec = FeatureSpec((0, 1), sigmas=(1.0, 2.0))  # a halo of 8 voxels: blocks of this small crop
+    segmenter = Segmenter(imagenet_3d, TISSUES, spec=spec)
+    finetune(segmenter, image, strokes, select=False, device="cpu")
+    expected, _ = segment(segmenter, image, device="cpu", probabilities=False)
+    volume = _ReadLog(image)
+    budget = int(image.size / 3 * spec.bytes_per_voxel(imagenet_3d))
+    blocks = VolumeFeatures(volume, imagenet_3d, spec, block_bytes=budget)
+    assert len(blocks.boxes) >= 4
+    labels, _ = segment(segmenter, volume, features=blocks, device="cpu", probabilities=False)
+    # The first read is the normalisation's regular subsample (at most 2^24 voxels: all of this
+    # small crop); every other read is one block with its halo.
+    statistics, *block_reads = volume.reads
+    assert statistics == image.size and len(block_reads) == len(blocks.boxes)
+    assert max(block_reads) <= budget / spec.bytes_per_voxel(imagenet_3d) < image.size
+    # Blocks instead of one: the same filters; the encoder levels differ near block edges.
+    assert (labels == expected).mean() > 0.97
+
+
 def test_blocks_tile_the_volume_and_match_the_whole(imagenet_3d, mni_sample):
     image = mni_sample.image[60:108, 40:200, 40:136]  # 48 x 160 x 96 of real T1
     spec = dataclasses.replace(default_spec(imagenet_3d), sigmas=(1.0, 2.0, 4.0, 8.0))  # halo 32
@@ -452,11 +489,14 @@ def test_concurrent_jobs_share_a_model_without_changing_it(imagenet_3d, brain):
                           strict=True):
         np.testing.assert_allclose(got, tiled, atol=1e-5)
     assert alone[0].shape == results[0].shape
-    # A network in training mode (or on another device) runs as an eval-mode copy.
+    # A network in training mode (or on another device) runs as an eval-mode copy: its
+    # BatchNorm statistics stay as they were (a forward in training mode would update them).
     assert network_on(model, torch.device("cpu")) is model
     model.train()
     runner = network_on(model, torch.device("cpu"))
     assert runner is not model and not runner.training and model.training
+    extract_features(model, crops[0], device="cpu")
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_dask_segmentation(trained, brain):
