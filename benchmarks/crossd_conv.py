@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from napari_crossd import CrossDConv
+from napari_crossd.core.operation_count import compute_operations
 from napari_crossd.models import build_model
 
 
@@ -61,22 +61,6 @@ def median_seconds(step, device: str, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-class ComputeOperations(TorchDispatchMode):
-    """Counts every ATen call that is not a view."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
-def compute_operations(step) -> int:
-    with ComputeOperations() as counter:
-        step()
-    return counter.count
 
 
 def layer_arms(channels: int) -> dict[str, tuple[nn.Module, int]]:

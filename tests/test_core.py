@@ -10,7 +10,6 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from napari_crossd import CrossDConv
 from napari_crossd.core import (
@@ -22,6 +21,7 @@ from napari_crossd.core import (
     rotate_plane,
     rotation_operator,
 )
+from napari_crossd.core.operation_count import ComputeOperations
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float64]
@@ -453,21 +453,9 @@ def test_recomputed_rotation_head_trains_as_if_kept():
         torch.testing.assert_close(got, want, msg=name)
 
 
-class _ComputeOperations(TorchDispatchMode):
-    """Counts every ATen call that is not a view: each is a dispatch on a CPU, a launch on a GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
 def _operations_of_a_training_step(layer: nn.Module, x: torch.Tensor) -> int:
     layer(x).sum().backward()  # the first step fills the caches of constants
-    with _ComputeOperations() as counter:
+    with ComputeOperations() as counter:
         layer(x).sum().backward()
     return counter.count
 
