@@ -31,9 +31,10 @@ class ForestClassifier:
 
     Example:
         >>> forest = ForestClassifier(3, trees=8)
-        >>> x = np.array([[0.0], [0.1], [0.9], [1.0]], dtype=np.float32)
-        >>> forest.fit(x, np.array([1, 1, 3, 3])).predict_proba(np.array([[0.05], [0.95]])).round(2).tolist()
-        [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+        >>> x = np.linspace(0, 1, 20, dtype=np.float32)[:, None]
+        >>> p = forest.fit(x, np.where(x[:, 0] < 0.5, 1, 3)).predict_proba(np.array([[0.05], [0.95]]))
+        >>> (p.argmax(1) + 1).tolist(), p[:, 1].tolist()  # class 2 has no strokes: probability 0
+        ([1, 3], [0.0, 0.0])
     """
 
     def __init__(
