@@ -201,15 +201,15 @@ class Pyramid:
         """Length of a hypercolumn from :meth:`sample` with the same arguments."""
         return sum(m.shape[0] for m, _ in self._maps(intensity, depth, filters))
 
-    def _grid(self, points: torch.Tensor) -> torch.Tensor:
+    def _grid(self, points: torch.Tensor, extent: Sequence[int]) -> torch.Tensor:
         # Source voxel o -> encoded coordinate e = (o + 0.5) * scale - 0.5 - origin ->
-        # grid_sample's normalised coordinate 2 (e + 0.5) / padded - 1, the same for every
-        # level because each level's size times its stride is the padded size.
+        # grid_sample's normalised coordinate 2 (e + 0.5) / extent - 1, where a map's extent
+        # is its size times its stride (the padded grid for the levels).
         device = self.intensity.device
         scale = torch.tensor(self.scale, dtype=torch.float32, device=device)
         origin = torch.tensor(self.origin, dtype=torch.float32, device=device)
-        padded = torch.tensor(self.padded_shape, dtype=torch.float32, device=device)
-        normalised = 2 * ((points.to(device).float() + 0.5) * scale - origin) / padded - 1
+        extent = torch.tensor(tuple(extent), dtype=torch.float32, device=device)
+        normalised = 2 * ((points.to(device).float() + 0.5) * scale - origin) / extent - 1
         return normalised.flip(-1)  # grid_sample wants (x, y, z)
 
     def with_filters(self, sigmas: Sequence[float], sets: Sequence[str] = FILTER_SETS) -> Pyramid:
@@ -217,7 +217,7 @@ class Pyramid:
         (encoded voxels; see :mod:`.filters`), without its repeated grey-value channel.
 
         Scales up to :data:`FINE_SIGMA` run at full resolution on the encoded grid without its
-        zero padding (borders: nearest voxel), padded like :attr:`intensity`. Larger ones run
+        zero padding (borders: nearest voxel) and stay that size. Larger ones run
         at :data:`FINE_SIGMA` on the grey values averaged over ``f``-cubes (``f = sigma /
         FINE_SIGMA``), a map of stride ``f`` read like an encoder level: a Gaussian that wide
         has nothing a finer grid would add, and it then costs 1/f^3. Their responses are in
@@ -226,7 +226,7 @@ class Pyramid:
         encoded = _encoded_shape(self.source_shape, self.scale)
         unit = self.intensity[tuple(slice(0, n) for n in encoded)]
         fine = [s for s in sigmas if s <= FINE_SIGMA]
-        maps = [F.pad(filter_bank(unit, fine, sets)[1:], _far_padding(encoded, self.padded_shape))] if fine else []
+        maps = [filter_bank(unit, fine, sets)[1:]] if fine else []  # on the encoded grid: no padded copy
         strides = [1] * len(maps)
         for sigma in (s for s in sigmas if s > FINE_SIGMA):
             factor = coarse_factor(sigma)
@@ -251,13 +251,16 @@ class Pyramid:
 
     def _interpolate(self, points: torch.Tensor, intensity: bool, depth: int | None, filters: bool) -> torch.Tensor:
         """Hypercolumns ``(C, *points.shape[:-1])`` at source-grid points ``(Z', Y', X', 3)``."""
-        grid = self._grid(points)[None]
-        return torch.cat(
-            [
-                F.grid_sample(m[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-                for m, _ in self._maps(intensity, depth, filters)
-            ]
-        )
+        grids: dict[tuple, torch.Tensor] = {}
+        columns = []
+        for m, stride in self._maps(intensity, depth, filters):
+            extent = tuple(n * stride for n in m.shape[1:])
+            if extent not in grids:
+                grids[extent] = self._grid(points, extent)[None]
+            columns.append(
+                F.grid_sample(m[None], grids[extent], mode="bilinear", padding_mode="border", align_corners=False)[0]
+            )
+        return torch.cat(columns)
 
     def sample(
         self, points: torch.Tensor, intensity: bool = False, depth: int | None = None, filters: bool = False

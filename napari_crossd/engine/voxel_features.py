@@ -39,8 +39,9 @@ __all__ = ["DEFAULT_BLOCK_BYTES", "DEFAULT_SETS", "FeatureSpec", "VolumeFeatures
 # and its halo; the encoder's levels already carry texture at those scales.
 DEFAULT_SETS = ("gaussian", "gradient", "log", "hessian")
 # Features of one block (filter responses at full resolution dominate: 4 bytes each) are
-# kept within this budget; a 200^3 volume with the default spec is one block.
-DEFAULT_BLOCK_BYTES = 1 << 30
+# kept within this budget (1.25 GiB); the MNI152 template (189 x 233 x 197) is one block,
+# and a 512^3 volume peaks under 2 GiB in blocks (benchmarks/results/segment_memory_cpu.md).
+DEFAULT_BLOCK_BYTES = 5 << 28
 # Voxels classified at once: (voxels x channels) float32 of about 128 MB.
 _CHUNK_VALUES = 1 << 25
 
@@ -57,7 +58,7 @@ class FeatureSpec:
     """
 
     levels: tuple[int, ...]
-    sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     sets: tuple[str, ...] = DEFAULT_SETS
 
     def __post_init__(self) -> None:
@@ -100,8 +101,10 @@ class FeatureSpec:
             encoder.feature_info[level]["num_chs"] / encoder.feature_info[level]["reduction"] ** 3
             for level in self.levels
         )
-        # intensity, its network input (3 channels) while encoding, filters, levels
-        return 4.0 * (1 + 3 + filters + deep)
+        # intensity, its network input (3 channels) while encoding, the filters and the
+        # filter bank's temporaries (the input extended by its halo, 10 derivative maps), levels
+        temporaries = 11 if self.sigmas else 0
+        return 4.0 * (1 + 3 + filters + temporaries + deep)
 
     def to_dict(self) -> dict:
         return {"levels": list(self.levels), "sigmas": list(self.sigmas), "sets": list(self.sets)}
