@@ -247,9 +247,9 @@ def trained(imagenet_3d, brain, strokes):
 def test_forest_on_filters_and_levels_segments_unpainted_slices(trained, brain, strokes):
     image, truth = brain
     segmenter, features, summary, reports = trained
-    # Searched: grey value + 4 sigmas x (gaussian, gradient, log, 3 Hessian eigenvalues) + 0..4 levels
+    # Searched: grey value + 5 sigmas x (gaussian, gradient, log, 3 Hessian eigenvalues) + 0..4 levels
     # (strides 2, 4, 8, 16), one cross-validated F1 each; kept: the chosen prefix.
-    widths = [1 + 4 * 6 + sum((16, 24, 32, 96)[:depth]) for depth in range(5)]
+    widths = [1 + 5 * 6 + sum((16, 24, 32, 96)[:depth]) for depth in range(5)]
     assert len(default_spec(segmenter.encoder).names(segmenter.encoder)) == widths[-1] == features.channels
     choice = summary["levels"]
     assert len(choice["scores"]) == 5 and all(0 < score <= 1 for score in choice["scores"])

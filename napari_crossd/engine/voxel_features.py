@@ -35,6 +35,10 @@ from .pyramid import Pyramid, coarse_factor, encode_job, spacing_scale
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "DEFAULT_SETS", "FeatureSpec", "VolumeFeatures", "block_boxes"]
 
+# Context around a block for what reaches far (coarse filter maps, encoder levels): two
+# strides of 16. Their exact reach (a sigma-16 Gaussian's 64 voxels, a stride-16 level's
+# receptive field) would make the blocks of a big volume mostly halo.
+_CONTEXT_HALO = 32
 # The structure tensor doubles the filter bank's cost (two Gaussian stages, six products)
 # and its halo; the encoder's levels already carry texture at those scales.
 DEFAULT_SETS = ("gaussian", "gradient", "log", "hessian")
@@ -58,7 +62,7 @@ class FeatureSpec:
     """
 
     levels: tuple[int, ...]
-    sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     sets: tuple[str, ...] = DEFAULT_SETS
 
     def __post_init__(self) -> None:
@@ -83,11 +87,13 @@ class FeatureSpec:
         return 1 + filters + feature_channels(encoder, self.levels)
 
     def halo(self, encoder: nn.Module) -> int:
-        """Voxels of context around a block: exact filters (on their own grids), and two
-        deepest strides of tissue for the encoder before the zero padding at a block's edge."""
+        """Voxels of context around a block: the full-resolution filters' reach (exact), and
+        for the coarse filter maps and the encoder levels, whose reach is much wider, at most
+        two strides of 16: they are approximate at a block's edge, as tiles are (tested)."""
+        fine = [s for s in self.sigmas if coarse_factor(s) == 1]
         deepest = max((int(encoder.feature_info[level]["reduction"]) for level in self.levels), default=0)
-        filters = [coarse_factor(s) * filter_halo((s / coarse_factor(s),), self.sets) for s in self.sigmas]
-        return max(*filters, 2 * deepest, 0)
+        coarse = _CONTEXT_HALO if len(fine) < len(self.sigmas) else 0
+        return max(filter_halo(fine, self.sets) if fine else 0, coarse, min(2 * deepest, _CONTEXT_HALO))
 
     @property
     def grid_multiple(self) -> int:
