@@ -518,3 +518,14 @@ def test_dask_graph_runs_in_worker_processes(imagenet_3d, brain):
     lazy = extract_features(imagenet_3d, da.from_array(image, chunks=(16, 16, 16)), device="cpu")
     in_processes = lazy.compute(scheduler="processes", num_workers=2)
     np.testing.assert_allclose(in_processes, lazy.compute(scheduler="threads"), atol=1e-6)
+
+
+def test_full_resolution_filters_in_slabs_equal_the_whole_bank(brain, monkeypatch):
+    from napari_crossd.engine import pyramid as pyramid_module
+    from napari_crossd.engine.filters import filter_bank
+
+    unit = unit_intensity(brain[0][:40, :50, :60], intensity_stats(brain[0]))
+    monkeypatch.setattr(pyramid_module, "_FILTER_SLAB_VOXELS", 50 * 60)  # slabs of 2 x 8 planes (the halo)
+    slabbed = pyramid_module._filter_bank_in_slabs(unit, (1.0, 2.0), ("gaussian", "hessian"))
+    torch.testing.assert_close(slabbed, filter_bank(unit, (1.0, 2.0), ("gaussian", "hessian"))[1:], atol=2e-6,
+                               rtol=1e-5)

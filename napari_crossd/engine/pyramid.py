@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .devices import autocast, is_out_of_memory, release_memory
-from .filters import FILTER_SETS, filter_bank
+from .filters import FILTER_SETS, filter_bank, filter_box, filter_halo, filter_names
 from .jobs import Job, Progress
 from .normalize import IntensityStats, network_input, unit_intensity
 
@@ -226,7 +226,7 @@ class Pyramid:
         encoded = _encoded_shape(self.source_shape, self.scale)
         unit = self.intensity[tuple(slice(0, n) for n in encoded)]
         fine = [s for s in sigmas if s <= FINE_SIGMA]
-        maps = [filter_bank(unit, fine, sets)[1:]] if fine else []  # on the encoded grid: no padded copy
+        maps = [_filter_bank_in_slabs(unit, fine, sets)] if fine else []  # the encoded grid: no padded copy
         strides = [1] * len(maps)
         for sigma in (s for s in sigmas if s > FINE_SIGMA):
             factor = coarse_factor(sigma)
@@ -294,6 +294,21 @@ class Pyramid:
 
 
 FINE_SIGMA = 4.0
+# Voxels per slab of the full-resolution filter bank: its temporaries (the slab extended by
+# the halo, ten derivative maps) then stay near 0.5 GB whatever the block.
+_FILTER_SLAB_VOXELS = 1 << 22
+
+
+def _filter_bank_in_slabs(unit: torch.Tensor, sigmas: Sequence[float], sets: Sequence[str]) -> torch.Tensor:
+    """``filter_bank(unit, sigmas, sets)[1:]``, computed a slab of planes at a time."""
+    halo = filter_halo(sigmas, sets)
+    planes = max(2 * halo, _FILTER_SLAB_VOXELS // (unit.shape[1] * unit.shape[2]))
+    out = unit.new_empty((len(filter_names(sigmas, sets)) - 1, *unit.shape))
+    whole = (slice(None), slice(None))
+    for z in range(0, unit.shape[0], planes):
+        box = (slice(z, min(z + planes, unit.shape[0])), *whole)
+        out[:, box[0]] = filter_box(unit.__getitem__, unit.shape, box, sigmas, sets)[1:]
+    return out
 
 
 def coarse_factor(sigma: float) -> int:

@@ -43,9 +43,9 @@ _CONTEXT_HALO = 32
 # and its halo; the encoder's levels already carry texture at those scales.
 DEFAULT_SETS = ("gaussian", "gradient", "log", "hessian")
 # Features of one block (filter responses at full resolution dominate: 4 bytes each) are
-# kept within this budget (1.25 GiB); the MNI152 template (189 x 233 x 197) is one block,
+# kept within this budget (768 MiB); the MNI152 template (189 x 233 x 197) is one block,
 # and a 512^3 volume peaks under 2 GiB in blocks (benchmarks/results/segment_memory_cpu.md).
-DEFAULT_BLOCK_BYTES = 5 << 28
+DEFAULT_BLOCK_BYTES = 3 << 28
 # Voxels classified at once: (voxels x channels) float32 of about 128 MB.
 _CHUNK_VALUES = 1 << 25
 
@@ -107,10 +107,8 @@ class FeatureSpec:
             encoder.feature_info[level]["num_chs"] / encoder.feature_info[level]["reduction"] ** 3
             for level in self.levels
         )
-        # intensity, its network input (3 channels) while encoding, the filters and the
-        # filter bank's temporaries (the input extended by its halo, 10 derivative maps), levels
-        temporaries = 11 if self.sigmas else 0
-        return 4.0 * (1 + 3 + filters + temporaries + deep)
+        # intensity, filters, levels (the filter bank's temporaries are bounded by its slabs)
+        return 4.0 * (1 + filters + deep)
 
     def to_dict(self) -> dict:
         return {"levels": list(self.levels), "sigmas": list(self.sigmas), "sets": list(self.sets)}
