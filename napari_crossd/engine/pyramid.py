@@ -295,8 +295,8 @@ class Pyramid:
 
 FINE_SIGMA = 4.0
 # Voxels per slab of the full-resolution filter bank: its temporaries (the slab extended by
-# the halo, ten derivative maps) then stay near 0.5 GB whatever the block.
-_FILTER_SLAB_VOXELS = 1 << 22
+# the halo, ten derivative maps) then stay near 0.3 GB whatever the block.
+_FILTER_SLAB_VOXELS = 1 << 21
 
 
 def _filter_bank_in_slabs(unit: torch.Tensor, sigmas: Sequence[float], sets: Sequence[str]) -> torch.Tensor:
