@@ -293,6 +293,13 @@ def _labels_dtype(num_classes: int):
     return np.uint8 if num_classes < 255 else np.uint16
 
 
+def _classify(classifier: ForestClassifier, features: torch.Tensor) -> np.ndarray:
+    """Probabilities ``(N, z, y, x)`` of features ``(C, z, y, x)``."""
+    # Voxels as C-ordered rows: a tree reads one voxel's channels at a time.
+    rows = np.ascontiguousarray(features.flatten(1).T.numpy())
+    return classifier.predict_proba(rows).T.reshape(-1, *features.shape[1:])
+
+
 def _predict_job(segmenter: Segmenter, source: VolumeFeatures, device, out, probabilities: bool):
     shape = source.shape
     labels = np.empty(shape, dtype=_labels_dtype(segmenter.num_classes)) if out is None else out
@@ -305,13 +312,12 @@ def _predict_job(segmenter: Segmenter, source: VolumeFeatures, device, out, prob
             yield report
             if payload is None:
                 continue
-            box, features = payload
-            # Voxels as C-ordered rows: a tree reads one voxel's channels at a time.
-            flat = np.ascontiguousarray(features[:channels].flatten(1).T.numpy())
-            p = segmenter.classifier.predict_proba(flat).T.reshape(-1, *features.shape[1:])
+            box, p = payload[0], _classify(segmenter.classifier, payload[1][:channels])
+            del payload  # the chunk must not stay alive while the generator computes the next block
             labels[box] = p.argmax(0) + 1
             if probs is not None:
                 probs[(slice(None), *box)] = p
+            del p
     finally:
         release_memory(device)
     return labels, probs

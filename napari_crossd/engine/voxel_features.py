@@ -289,3 +289,5 @@ class VolumeFeatures:
                 shift = box[0].start - local[0].start
                 report = Progress(count, len(order), f"classifying block {count + 1}/{len(order)}", phase="predict")
                 yield report, ((slice(planes.start + shift, planes.stop + shift), box[1], box[2]), features)
+            # Nothing of this block may stay alive while the next one is computed.
+            del pyramid, features
