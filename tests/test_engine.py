@@ -432,7 +432,7 @@ def test_untrained_segmenter_refuses_to_segment(imagenet_3d, brain):
 
 def test_cancel_leaves_the_segmenter_as_it_was(trained, brain, strokes):
     image, _ = brain
-    segmenter, features, _, _ = trained
+    segmenter = trained[0]
     forest = segmenter.classifier.forest
     before, _ = segment(segmenter, image[:8], device="cpu", probabilities=False)
     fresh = Segmenter(segmenter.encoder, TISSUES)
@@ -475,7 +475,7 @@ def test_concurrent_jobs_share_a_model_without_changing_it(imagenet_3d, brain):
     def work(i):
         try:
             results[i] = extract_features(model, crops[i], tile=32, overlap=0.5, device="cpu")
-        except Exception as err:  # noqa: BLE001 - reported below
+        except Exception as err:  # reported below
             errors.append(err)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
