@@ -1,8 +1,9 @@
 """Peak memory and time of `crossd segment` on memory-mapped uint8 volumes of 128^3, 256^3, 512^3.
 
 Each size runs in its own process (the command line a user would type), which reports
-its own peak resident set (``ru_maxrss`` of itself after ``exec``: what ``os.wait4`` says
-of a child also counts the parent's pages it shared before ``exec``), libraries included.
+its own peak resident set (``VmHWM`` of ``/proc/self/status``: the high-water mark of its
+own address space; ``ru_maxrss`` would also count the parent's pages it shared between
+fork and exec), libraries included.
 The volumes are the MNI152 T1 repeated to fill the cube
 (real anatomy, written slab by slab into a ``.npy`` memmap); the model is a 2-class
 segmenter (brain / outside) trained on 5 painted slices of the template.
@@ -52,10 +53,11 @@ def _volume(path: Path, size: int) -> None:
 
 # `crossd segment ...`, then the process's own peak resident set (kB) on the last line.
 _CLI_WITH_PEAK = (
-    "import resource, sys\n"
+    "import sys\n"
     "from napari_crossd.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+    "print('peak_kb', hwm.split()[1])\n"
     "sys.exit(code)\n"
 )
 
