@@ -46,8 +46,9 @@ DEFAULT_SETS = ("gaussian", "gradient", "log", "hessian")
 # kept within this budget (768 MiB); the MNI152 template (189 x 233 x 197) is one block,
 # and a 512^3 volume peaks under 2 GiB in blocks (benchmarks/results/segment_memory_cpu.md).
 DEFAULT_BLOCK_BYTES = 3 << 28
-# Voxels classified at once: (voxels x channels) float32 of about 128 MB.
-_CHUNK_VALUES = 1 << 25
+# Voxels classified at once: (voxels x channels) float32 of about 64 MB (its assembly and the
+# forest's row copy double that, beside a block's features).
+_CHUNK_VALUES = 1 << 24
 
 
 @dataclass(frozen=True)
