@@ -170,7 +170,8 @@ class VolumeFeatures:
             is a part of (a dask block); otherwise measured on first use.
         spacing, resample: voxel size and resampling (:func:`.pyramid.spacing_scale`).
         tile, overlap, batch: the encoder's sliding window inside a block (:func:`.pyramid.encode_job`).
-        block_bytes: feature memory per block; bigger volumes are cut into blocks.
+        block_bytes: feature memory per block (default: the whole volume when it fits
+            :data:`DEFAULT_BLOCK_BYTES`, else blocks of half of it).
     """
 
     volume: object
@@ -182,7 +183,7 @@ class VolumeFeatures:
     tile: int | None = None
     overlap: float = 0.25
     batch: int = 1
-    block_bytes: int = DEFAULT_BLOCK_BYTES
+    block_bytes: int | None = None
     stats: IntensityStats | None = None
     block: tuple[int, Pyramid] | None = field(default=None, repr=False)
     columns: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
@@ -192,9 +193,15 @@ class VolumeFeatures:
         self.shape = tuple(int(n) for n in self.volume.shape)
         self.scale = spacing_scale(self.spacing, self.resample)
         self.halo = self.spec.halo(self.encoder)
-        encoded_per_source = math.prod(self.scale)
-        max_voxels = int(self.block_bytes / (self.spec.bytes_per_voxel(self.encoder) * encoded_per_source))
-        self.boxes = block_boxes(self.shape, self.halo, max(max_voxels, (2 * self.halo + 1) ** 3))
+        per_voxel = self.spec.bytes_per_voxel(self.encoder) * math.prod(self.scale)
+        if self.block_bytes is None:
+            # A volume that fits the budget is one block; a bigger one is cut into blocks of half
+            # of it, which leaves room for its labels and the classification chunks.
+            whole = block_boxes(self.shape, self.halo, int(DEFAULT_BLOCK_BYTES / per_voxel))
+            budget = DEFAULT_BLOCK_BYTES if len(whole) == 1 else DEFAULT_BLOCK_BYTES // 2
+        else:
+            budget = self.block_bytes
+        self.boxes = block_boxes(self.shape, self.halo, max(int(budget / per_voxel), (2 * self.halo + 1) ** 3))
         self.channels = self.spec.channels(self.encoder)
 
     def serves(self, volume, encoder: nn.Module, spec: FeatureSpec, spacing, resample) -> bool:
