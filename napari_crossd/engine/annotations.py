@@ -38,13 +38,17 @@ class Annotations:
     num_classes: int
 
     @classmethod
-    def from_labels(cls, labels, shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> Annotations:
+    def from_labels(
+        cls, labels, shape: tuple[int, ...] | None = None, num_classes: int | None = None, min_classes: int = 2
+    ) -> Annotations:
         """Check ``labels`` and collect its annotated voxels.
 
         Args:
             labels: (Z, Y, X) integer array (numpy, memory-mapped, or a napari layer's data).
             shape: the image's shape, which ``labels`` must have (None: any 3D shape).
             num_classes: the model's number of classes N (None: the highest label painted).
+            min_classes: classes that must be painted: 2 for one volume; 1 for one of
+                several volumes trained together (the two may be in different volumes).
 
         Raises:
             ValueError: naming what is wrong: shape, dtype, values out of 0..N, fewer than
@@ -78,7 +82,7 @@ class Annotations:
                 f"Labels must be 0 (not annotated) or 1..{limit} for this model's {limit} classes; "
                 f"found {int(present.max())}."
             )
-        if present.size < 2:
+        if present.size < min_classes:
             raise ValueError(
                 "The labels have no annotated voxels: paint strokes of at least two classes (0 = not annotated)."
                 if present.size == 0

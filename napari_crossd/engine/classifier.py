@@ -85,6 +85,7 @@ class ForestClassifier:
                 f"Expected features (P, {self.forest.n_features_in_}), got shape {features.shape}: "
                 "were they computed with the same feature spec?"
             )
+        self.forest.n_jobs = torch.get_num_threads()  # where it runs now (a cluster worker), not where it was fit
         out = np.zeros((len(features), self.num_classes), dtype=np.float32)
         out[:, self.forest.classes_ - 1] = self.forest.predict_proba(features)
         return out

@@ -108,9 +108,11 @@ def hypercolumn_slabs(pyramid: Pyramid, stride: int, intensity: bool, depth: int
         yield index, count, slice(start, start + thickness), block if transform is None else transform(block)
 
 
-def _features(
+def hypercolumns_job(
     model, volume, stats: IntensityStats, *, levels, stride, scale, tile, overlap, batch, device
 ) -> Job[np.ndarray]:
+    """:func:`features_job` of ``volume`` normalised with ``stats`` (measured on the volume it
+    is a part of), checked arguments, numpy only."""
     pyramid = yield from encode_job(
         model, volume, stats, levels=levels, scale=scale, tile=tile, overlap=overlap, batch=batch, device=device
     )
@@ -184,9 +186,9 @@ def features_job(
         return lazy_blocks(
             volume,
             feature_channels(model, levels),
-            lambda block: run_job(_features(model, block, stats, stride=1, **settings)),
+            lambda block: run_job(hypercolumns_job(model, block, stats, stride=1, **settings)),
         )
-    return (yield from _features(model, volume, stats, stride=stride, **settings))
+    return (yield from hypercolumns_job(model, volume, stats, stride=stride, **settings))
 
 
 def lazy_blocks(

@@ -8,10 +8,10 @@ two yields, so cancelling never leaves a half-written result behind.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
-__all__ = ["Job", "Progress", "run_job"]
+__all__ = ["Job", "Progress", "named_job", "run_job"]
 
 T = TypeVar("T")
 
@@ -59,5 +59,17 @@ def run_job(job: Job[T], progress: Callable[[Progress], None] | None = None) -> 
                 return stop.value
             if progress is not None:
                 progress(report)
+    finally:
+        job.close()
+
+
+def named_job(job: Job[T], name: str) -> Job[T]:
+    """``job`` with ``name`` before each progress message (which volume or file it works on)."""
+    try:
+        while True:
+            report = next(job)
+            yield replace(report, message=f"{name}: {report.message}")
+    except StopIteration as stop:
+        return stop.value
     finally:
         job.close()

@@ -23,14 +23,17 @@ import dask.array as da
 import numpy as np
 import safetensors.numpy
 import torch
+from sklearn.metrics import f1_score
+from sklearn.model_selection import GroupKFold
 from torch import nn
 
 from ..io.atomic import atomic_directory
 from .annotations import Annotations
 from .classifier import ForestClassifier
 from .devices import release_memory, resolve_device
+from .encoder_tuning import tune_encoder_job
 from .features import check_levels, lazy_blocks, require_3d
-from .jobs import Job, Progress, run_job
+from .jobs import Job, Progress, named_job, run_job
 from .normalize import PRESETS, check_volume, intensity_stats
 from .pyramid import default_levels
 from .voxel_features import FeatureSpec, VolumeFeatures
@@ -41,6 +44,8 @@ __all__ = [
     "default_spec",
     "finetune",
     "finetune_job",
+    "finetune_pairs",
+    "finetune_pairs_job",
     "load_segmenter",
     "save_segmenter",
     "segment",
@@ -117,12 +122,18 @@ class Segmenter:
         deep = f"encoder strides {', '.join(map(str, strides))}" if strides else "no encoder levels"
         return f"{self.spec.channels(self.encoder)} features (grey value, {filters}, {deep})"
 
-    def features(self, volume, *, spacing=None, resample=None, tile=None, overlap=0.25, batch=1, **kwargs):
+    def features(self, volume, *, cached: VolumeFeatures | None = None, spacing=None, resample=None, **kwargs):
         """A :class:`~.voxel_features.VolumeFeatures` of ``volume`` for this segmenter, to pass
-        to :func:`finetune` and :func:`segment` so that both reuse what is computed."""
+        to :func:`finetune` and :func:`segment` so that both reuse what is computed.
+
+        ``cached`` is returned itself when it serves this volume, encoder and spec
+        (:meth:`~.voxel_features.VolumeFeatures.serves`); other keywords are
+        :class:`~.voxel_features.VolumeFeatures`'s (tile, overlap, batch, stats, ...).
+        """
+        if cached is not None and cached.serves(volume, self.encoder, self.spec, spacing, resample):
+            return cached
         return VolumeFeatures(
-            volume, self.encoder, self.spec, preset=self.preset, spacing=spacing, resample=resample, tile=tile,
-            overlap=overlap, batch=batch, **kwargs,
+            volume, self.encoder, self.spec, preset=self.preset, spacing=spacing, resample=resample, **kwargs
         )
 
     def config(self) -> dict:
@@ -139,20 +150,21 @@ class Segmenter:
         }
 
 
-def _features_for(segmenter: Segmenter, volume, features: VolumeFeatures | None, settings: dict) -> VolumeFeatures:
-    spacing, resample = settings.get("spacing"), settings.get("resample")
-    if features is not None and features.serves(volume, segmenter.encoder, segmenter.spec, spacing, resample):
-        return features
-    return segmenter.features(volume, **settings)
-
-
 def finetune_job(
+    segmenter: Segmenter, volume, labels, *, features: VolumeFeatures | None = None, **kwargs
+) -> Job[dict]:
+    """Train ``segmenter`` on the annotated voxels of one volume: :func:`finetune_pairs_job`
+    with the single pair ``(volume, labels)`` and its ``features`` cache."""
+    return finetune_pairs_job(segmenter, [(volume, labels)], features=[features], **kwargs)
+
+
+def finetune_pairs_job(
     segmenter: Segmenter,
-    volume,
-    labels,
+    pairs: Sequence[tuple],
     *,
-    features: VolumeFeatures | None = None,
-    spacing: Sequence[float] | None = None,
+    features: Sequence[VolumeFeatures | None] | None = None,
+    names: Sequence[str] | None = None,
+    spacing: Sequence | None = None,
     resample: bool | None = None,
     tile: int | None = None,
     overlap: float = 0.25,
@@ -165,23 +177,29 @@ def finetune_job(
     device: str | torch.device = "auto",
     seed: int = 0,
 ) -> Job[dict]:
-    """Train ``segmenter`` on the annotated voxels of ``labels``.
+    """Train ``segmenter`` on the annotated voxels of one or more volumes.
 
     The forest is refit on all annotated voxels each time (a second round of strokes adds
-    to the first: pass the whole strokes volume again); their features come from
-    ``features`` when it serves this volume and encoder, so painted voxels are computed
-    once. Cancelling (closing the generator) before the fit leaves the segmenter as it was.
+    to the first: pass the whole strokes volumes again); their features come from
+    ``features`` where it serves the volume and encoder, so painted voxels are computed
+    once. Every label volume is checked before any feature is computed. Cancelling
+    (closing the generator) before the fit leaves the segmenter as it was.
 
     Args:
         segmenter: the model to train (in place).
-        volume: (Z, Y, X) image.
-        labels: (Z, Y, X) integers, 0 = not annotated, 1..N classes (at least two present).
-        features: the caller's cache of this volume's features (:meth:`Segmenter.features`).
-        spacing, resample, tile, overlap, batch: as :func:`napari_crossd.engine.features_job`.
-        max_points: most annotated voxels used (class-balanced subsample beyond).
+        pairs: ``(volume, labels)`` pairs: a (Z, Y, X) image (numpy or memory-mapped) and
+            its labels of the same shape (0 = not annotated, 1..N classes; or their
+            :class:`~.annotations.Annotations`). Two classes must be painted over all
+            pairs together; each volume needs at least one.
+        features: per pair, the caller's cache of that volume's features
+            (:meth:`Segmenter.features`) or None.
+        names: per pair, a name for progress messages (default ``"volume i/n"``).
+        spacing: the voxel size of every volume (Z, Y, X), or one per pair.
+        resample, tile, overlap, batch: as :func:`napari_crossd.engine.features_job`.
+        max_points: most annotated voxels used over all pairs (class-balanced subsample beyond).
         full: first fine-tune the encoder on crops around the strokes
-            (:func:`.encoder_tuning.tune_encoder_job`, ``steps`` and ``crop``): a new
-            encoder, so every feature is computed again.
+            (:func:`.encoder_tuning.tune_encoder_job`, ``steps`` and ``crop``; one pair
+            only): a new encoder, so every feature is computed again.
         select: on the first training, choose how many encoder levels the features keep
             (:func:`choose_levels`); later trainings keep the choice.
         device: where the encoder runs.
@@ -191,46 +209,98 @@ def finetune_job(
         :class:`Progress` with a ``phase``: ``"encoder"`` (with ``loss``), ``"features"``, ``"fit"``.
 
     Returns:
-        ``{"voxels", "classes", "channels", "blocks", "encoder", "levels"}``: voxels trained
-        on, the classes painted, the feature length, the volume's blocks, the encoder
-        fine-tuning's summary (``full``) or None, and the level choice
-        (:func:`choose_levels`) or None.
+        ``{"voxels", "per_volume", "classes", "channels", "blocks", "encoder", "levels"}``:
+        voxels trained on (in all and per pair), the classes painted, the feature length,
+        the volumes' blocks, the encoder fine-tuning's summary (``full``) or None, and the
+        level choice (:func:`choose_levels`) or None.
     """
-    check_volume(volume)
-    annotations = Annotations.from_labels(labels, volume.shape, segmenter.num_classes).subsample(max_points, seed)
+    names = list(names) if names is not None else [f"volume {i + 1}/{len(pairs)}" for i in range(len(pairs))]
+    annotations = _annotations_of(pairs, names, segmenter.num_classes, max_points, seed)
+    caches = list(features) if features is not None else [None] * len(pairs)
+    spacings = _per_pair(spacing, len(pairs))
+    if not len(caches) == len(spacings) == len(names) == len(pairs):
+        raise ValueError(f"{len(pairs)} pairs but {len(caches)} feature caches, {len(spacings)} spacings "
+                         f"and {len(names)} names: give one of each per pair.")
+    if full and len(pairs) > 1:
+        raise ValueError(f"Encoder fine-tuning (full=True) works on one volume; {len(pairs)} pairs were given.")
     device = resolve_device(device)
-    settings = dict(spacing=spacing, resample=resample, tile=tile, overlap=overlap, batch=batch)
-    tuning = None
-    if full:
-        from .encoder_tuning import tune_encoder_job
-
-        encoder, tuning = yield from tune_encoder_job(
-            segmenter.encoder, volume, annotations, segmenter.preset, steps=steps, crop=crop, device=device,
-            seed=seed, **settings,
+    settings = dict(resample=resample, tile=tile, overlap=overlap, batch=batch)
+    tuning, previous = None, segmenter.encoder
+    if full:  # a new module: the caller's network stays as it was
+        segmenter.encoder, tuning = yield from tune_encoder_job(
+            segmenter.encoder, pairs[0][0], annotations[0], segmenter.preset, steps=steps, crop=crop, device=device,
+            seed=seed, spacing=spacings[0], **settings,
         )
+    columns, blocks = [], 0
     try:
-        if full:
-            segmenter.encoder = encoder  # a new module: the caller's network stays as it was
-        source = _features_for(segmenter, volume, features, settings)
-        columns = yield from source.columns_job(annotations.coords, device)
+        for index, (pair, cache, spacing) in enumerate(zip(pairs, caches, spacings, strict=True)):
+            source = segmenter.features(pair[0], cached=cache, spacing=spacing, **settings)
+            columns.append((yield from named_job(source.columns_job(annotations[index].coords, device), names[index])))
+            blocks += len(source.boxes)
+            if index < len(pairs) - 1:
+                source.block = None  # one volume's block in memory at a time; the last stays for predicting
+    except BaseException:  # cancelled or failed: the segmenter stays as it was
+        segmenter.encoder = previous
+        raise
     finally:
         release_memory(device)
+    summary = yield from _fit_job(segmenter, np.concatenate(columns), annotations, select, seed)
+    return {**summary, "blocks": blocks, "encoder": tuning}
+
+
+def _per_pair(spacing, count: int) -> list:
+    if spacing is None or np.ndim(spacing) == 1:
+        return [spacing] * count
+    return list(spacing)
+
+
+def _annotations_of(pairs, names, num_classes: int, max_points: int, seed: int) -> list[Annotations]:
+    """Every pair's :class:`Annotations` (checked by the one label rule), together at most
+    ``max_points`` voxels."""
+    if not len(pairs):
+        raise ValueError("No (volume, labels) pairs to train on.")
+    annotations = []
+    for (volume, labels, *_), name in zip(pairs, names, strict=True):
+        check_volume(volume)
+        if isinstance(labels, Annotations):
+            if labels.shape != tuple(volume.shape):
+                raise ValueError(f"{name}: the annotations are of shape {labels.shape}; the image is {volume.shape}.")
+            annotations.append(labels)
+            continue
+        try:
+            annotations.append(Annotations.from_labels(labels, volume.shape, num_classes,
+                                                       min_classes=1 if len(pairs) > 1 else 2))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}" if len(pairs) > 1 else str(err)) from None
+    painted = sorted(set().union(*(a.painted_classes for a in annotations)))
+    if len(painted) < 2:
+        raise ValueError(f"Only class {painted[0]} is annotated in all {len(pairs)} volumes: paint strokes of at "
+                         "least two classes so there is something to tell apart.")
+    total = sum(len(a) for a in annotations)
+    return [a.subsample(max(1, max_points * len(a) // total), seed) for a in annotations]
+
+
+def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annotations], select: bool, seed: int):
+    """Fit the classifier on the painted voxels' ``columns`` of every volume (in order)."""
+    classes = np.concatenate([a.classes for a in annotations])
+    # Held-out groups of one volume never mix with another's.
+    groups = np.unique(np.concatenate([np.stack([np.full(len(a), i), a.groups()], 1)
+                                       for i, a in enumerate(annotations)]), axis=0, return_inverse=True)[1].ravel()
     choice = None
     if select and not segmenter.trained:
         yield Progress(0, 1, "choosing the encoder levels by cross-validation over painted planes", phase="fit")
-        segmenter.spec, choice = choose_levels(columns, annotations, segmenter.spec, segmenter.encoder, seed)
+        segmenter.spec, choice = choose_levels(columns, classes, groups, segmenter.spec, segmenter.encoder, seed)
     columns = columns[:, : segmenter.spec.channels(segmenter.encoder)]
-    yield Progress(0, 1, f"fitting the forest on {len(annotations):,} painted voxels", phase="fit")
+    yield Progress(0, 1, f"fitting the forest on {len(classes):,} painted voxels", phase="fit")
     segmenter.classifier.seed = seed
-    segmenter.classifier.fit(columns, annotations.classes)
-    segmenter.trained_voxels = len(annotations)
-    yield Progress(1, 1, f"trained on {len(annotations):,} voxels, {columns.shape[1]} features", phase="fit")
+    segmenter.classifier.fit(columns, classes)
+    segmenter.trained_voxels = len(classes)
+    yield Progress(1, 1, f"trained on {len(classes):,} voxels, {columns.shape[1]} features", phase="fit")
     return {
-        "voxels": len(annotations),
-        "classes": annotations.painted_classes,
+        "voxels": len(classes),
+        "per_volume": [len(a) for a in annotations],
+        "classes": [int(c) for c in np.unique(classes)],
         "channels": int(columns.shape[1]),
-        "blocks": len(source.boxes),
-        "encoder": tuning,
         "levels": choice,
     }
 
@@ -243,7 +313,7 @@ _CV_MARGIN = 0.005
 
 
 def choose_levels(
-    columns: np.ndarray, annotations: Annotations, spec: FeatureSpec, encoder: nn.Module, seed: int = 0
+    columns: np.ndarray, classes: np.ndarray, groups: np.ndarray, spec: FeatureSpec, encoder: nn.Module, seed: int = 0
 ) -> tuple[FeatureSpec, dict | None]:
     """How many encoder levels to keep, chosen by cross-validation over painted planes.
 
@@ -254,26 +324,28 @@ def choose_levels(
     held-out planes (grouped K-fold: neighbouring voxels of one stroke are near copies);
     a candidate with more levels must beat the best simpler one by 0.005.
 
+    Args:
+        columns: ``(P, C)`` features of the painted voxels.
+        classes: ``(P,)`` their classes 1..N.
+        groups: ``(P,)`` their held-out groups (:meth:`.annotations.Annotations.groups`).
+
     Returns:
         ``(spec, {"levels": chosen count, "scores": [F1 per candidate]})``; ``spec`` itself
         and None when the strokes lie on fewer than two planes (nothing to hold out).
     """
-    from sklearn.metrics import f1_score
-    from sklearn.model_selection import GroupKFold
-
-    groups = annotations.groups()
     if len(np.unique(groups)) < 2:
         return spec, None
-    folds = list(GroupKFold(min(_CV_FOLDS, len(np.unique(groups)))).split(columns, annotations.classes, groups))
+    num_classes = int(classes.max())
+    folds = list(GroupKFold(min(_CV_FOLDS, len(np.unique(groups)))).split(columns, classes, groups))
     scores = []
     for depth in range(len(spec.levels) + 1):
         width = FeatureSpec(spec.levels[:depth], spec.sigmas, spec.sets).channels(encoder)
         fold_scores = []
         for train, held in folds:
-            forest = ForestClassifier(annotations.num_classes, trees=_CV_TREES, seed=seed)
-            forest.fit(columns[train, :width], annotations.classes[train])
+            forest = ForestClassifier(num_classes, trees=_CV_TREES, seed=seed)
+            forest.fit(columns[train, :width], classes[train])
             predicted = forest.predict_proba(columns[held, :width]).argmax(1) + 1
-            fold_scores.append(f1_score(annotations.classes[held], predicted, average="macro"))
+            fold_scores.append(f1_score(classes[held], predicted, average="macro"))
         scores.append(float(np.mean(fold_scores)))
     best = 0
     for depth, score in enumerate(scores):
@@ -289,7 +361,14 @@ def finetune(
     return run_job(finetune_job(segmenter, volume, labels, **kwargs), progress)
 
 
-def _labels_dtype(num_classes: int):
+def finetune_pairs(
+    segmenter: Segmenter, pairs: Sequence[tuple], *, progress: Callable[[Progress], None] | None = None, **kwargs
+) -> dict:
+    """:func:`finetune_pairs_job` run to the end; ``progress`` receives each :class:`Progress`."""
+    return run_job(finetune_pairs_job(segmenter, pairs, **kwargs), progress)
+
+
+def labels_dtype(num_classes: int):
     return np.uint8 if num_classes < 255 else np.uint16
 
 
@@ -300,9 +379,11 @@ def _classify(classifier: ForestClassifier, features: torch.Tensor) -> np.ndarra
     return classifier.predict_proba(rows).T.reshape(-1, *features.shape[1:])
 
 
-def _predict_job(segmenter: Segmenter, source: VolumeFeatures, device, out, probabilities: bool):
+def classify_job(segmenter: Segmenter, source: VolumeFeatures, device, out, probabilities: bool):
+    """Labels (into ``out``, or a new array) and, if asked, probabilities of the voxels in
+    ``source``'s blocks, chunk by chunk (:meth:`~.voxel_features.VolumeFeatures.chunks_job`)."""
     shape = source.shape
-    labels = np.empty(shape, dtype=_labels_dtype(segmenter.num_classes)) if out is None else out
+    labels = np.empty(shape, dtype=labels_dtype(segmenter.num_classes)) if out is None else out
     if tuple(labels.shape) != shape:
         raise ValueError(f"out has shape {tuple(labels.shape)}; expected the volume's {shape}.")
     probs = np.empty((segmenter.num_classes, *shape), dtype=np.float16) if probabilities else None
@@ -360,8 +441,8 @@ def segment_job(
     settings = dict(spacing=spacing, resample=resample, tile=tile, overlap=overlap, batch=batch)
     if isinstance(volume, da.Array):
         return _lazy_segmentation(segmenter, volume, settings, device)
-    source = _features_for(segmenter, volume, features, settings)
-    return (yield from _predict_job(segmenter, source, device, out, probabilities))
+    source = segmenter.features(volume, cached=features, **settings)
+    return (yield from classify_job(segmenter, source, device, out, probabilities))
 
 
 def _lazy_segmentation(segmenter: Segmenter, volume: da.Array, settings: dict, device):
@@ -369,11 +450,11 @@ def _lazy_segmentation(segmenter: Segmenter, volume: da.Array, settings: dict, d
 
     def block_probabilities(block: np.ndarray) -> np.ndarray:
         source = segmenter.features(block, stats=stats, **settings)
-        return run_job(_predict_job(segmenter, source, device, None, True))[1]
+        return run_job(classify_job(segmenter, source, device, None, True))[1]
 
     halo = segmenter.spec.halo(segmenter.encoder)
     probabilities = lazy_blocks(volume, segmenter.num_classes, block_probabilities, dtype=np.float16, halo=halo)
-    labels = (probabilities.argmax(0) + 1).astype(_labels_dtype(segmenter.num_classes))
+    labels = (probabilities.argmax(0) + 1).astype(labels_dtype(segmenter.num_classes))
     return labels, probabilities
 
 

@@ -172,6 +172,9 @@ class VolumeFeatures:
         tile, overlap, batch: the encoder's sliding window inside a block (:func:`.pyramid.encode_job`).
         block_bytes: feature memory per block (default: the whole volume when it fits
             :data:`DEFAULT_BLOCK_BYTES`, else blocks of half of it).
+        boxes: the blocks themselves instead (boxes of the source grid, each grown by the
+            halo within the volume): a cluster worker given one block and its halo as the
+            volume computes and classifies only that block.
     """
 
     volume: object
@@ -184,6 +187,7 @@ class VolumeFeatures:
     overlap: float = 0.25
     batch: int = 1
     block_bytes: int | None = None
+    boxes: list[tuple[slice, slice, slice]] | None = None
     stats: IntensityStats | None = None
     block: tuple[int, Pyramid] | None = field(default=None, repr=False)
     columns: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
@@ -193,6 +197,13 @@ class VolumeFeatures:
         self.shape = tuple(int(n) for n in self.volume.shape)
         self.scale = spacing_scale(self.spacing, self.resample)
         self.halo = self.spec.halo(self.encoder)
+        if self.boxes is None:
+            self.boxes = self._blocks_within_budget()
+        elif self.block_bytes is not None:
+            raise ValueError("Give either block_bytes= or boxes=, not both.")
+        self.channels = self.spec.channels(self.encoder)
+
+    def _blocks_within_budget(self) -> list[tuple[slice, slice, slice]]:
         per_voxel = self.spec.bytes_per_voxel(self.encoder) * math.prod(self.scale)
         if self.block_bytes is None:
             # A volume that fits the budget is one block; a bigger one is cut into blocks of half
@@ -201,8 +212,7 @@ class VolumeFeatures:
             budget = DEFAULT_BLOCK_BYTES if len(whole) == 1 else DEFAULT_BLOCK_BYTES // 2
         else:
             budget = self.block_bytes
-        self.boxes = block_boxes(self.shape, self.halo, max(int(budget / per_voxel), (2 * self.halo + 1) ** 3))
-        self.channels = self.spec.channels(self.encoder)
+        return block_boxes(self.shape, self.halo, max(int(budget / per_voxel), (2 * self.halo + 1) ** 3))
 
     def serves(self, volume, encoder: nn.Module, spec: FeatureSpec, spacing, resample) -> bool:
         """Whether these features begin with those of ``volume`` under ``encoder`` and ``spec``

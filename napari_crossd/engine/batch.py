@@ -1,0 +1,87 @@
+"""Many volume files in one job: each read, processed and written on its own grid.
+
+Convention:
+    ``outputs[i]`` is written for ``inputs[i]`` in its own format (:func:`output_paths`
+    puts ``DIR/<input file name>``). A file that cannot be read or processed is reported
+    with its name and the next one goes on; an output is written whole or not at all
+    (:func:`napari_crossd.io.write_volume`), and never over its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..io import Volume, read_volume, write_volume
+from ..io.volumes import volume_suffix
+from .jobs import Job, Progress, named_job
+
+__all__ = ["FileResult", "output_paths", "process_files_job"]
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What became of one input: the paths written, or why it failed."""
+
+    source: Path
+    written: tuple[Path, ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def output_paths(inputs: Sequence[Path], directory: Path) -> list[Path]:
+    """``directory/<input file name>`` for each input; ValueError where two inputs share a
+    name or an output would replace its input."""
+    outputs = [Path(directory) / Path(source).name for source in inputs]
+    names = [out.name for out in outputs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Several inputs are named {', '.join(repeated)}: their outputs in {directory} would "
+                         "overwrite each other.")
+    for source, out in zip(inputs, outputs, strict=True):
+        if out.resolve() == Path(source).resolve():
+            raise ValueError(f"The output for {source} would replace the input: choose another --out-dir.")
+    return outputs
+
+
+# One volume's work: its job yields Progress and returns [(path, data, grid to write it on)].
+Process = Callable[[Volume, Path], Job[list[tuple[Path, np.ndarray, Volume]]]]
+
+
+def process_files_job(
+    inputs: Sequence[Path], outputs: Sequence[Path], process: Process, *, spacing=None
+) -> Job[list[FileResult]]:
+    """Read each input, run ``process(volume, output)`` and write what it returns.
+
+    Args:
+        inputs: volume files (NIfTI, TIFF, NumPy).
+        outputs: one path per input (checked for a known suffix before any work starts).
+        process: given the :class:`~napari_crossd.io.Volume` and its output path, a job that
+            returns the ``(path, data, like)`` triples to write (``like``: the grid).
+        spacing: voxel size for every input (default: each file's own).
+
+    Returns:
+        One :class:`FileResult` per input, in order.
+    """
+    if len(inputs) != len(outputs):
+        raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs.")
+    for out in outputs:
+        volume_suffix(Path(out))
+    results = []
+    for index, (source, out) in enumerate(zip(map(Path, inputs), map(Path, outputs), strict=True)):
+        yield Progress(index, len(inputs), f"{source.name}: reading ({index + 1}/{len(inputs)})", phase="files")
+        try:
+            volume = read_volume(source, spacing=spacing)
+            writes = yield from named_job(process(volume, out), f"{source.name} ({index + 1}/{len(inputs)})")
+            written = tuple(write_volume(path, data, like) for path, data, like in writes)
+            results.append(FileResult(source, written))
+        except Exception as err:  # one bad file must not stop the others: it is named in the result
+            results.append(FileResult(source, error=str(err) or type(err).__name__))
+    yield Progress(len(inputs), len(inputs), f"{sum(r.ok for r in results)}/{len(inputs)} files done", phase="files")
+    return results
