@@ -2,9 +2,9 @@
 
     crossd inflate SRC --arch auto --strategy i3d --out model3d.safetensors
     crossd info
-    crossd features IMAGE --model M --out OUT
-    crossd finetune IMAGE LABELS --model M --out MODEL_DIR
-    crossd segment IMAGE --model MODEL_DIR --out SEG.nii.gz
+    crossd features IMAGE [IMAGE ...] --model M (--out OUT | --out-dir DIR) [--scheduler ADDRESS]
+    crossd finetune (IMAGE LABELS | --pairs PAIRS.csv) --model M --out MODEL_DIR
+    crossd segment IMAGE [IMAGE ...] --model MODEL_DIR (--out SEG.nii.gz | --out-dir DIR) [--scheduler ADDRESS]
     crossd pretrain DATA --arch ARCH --conv {crossd,plain} --epochs N --out DIR [--resume CKPT]
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -99,26 +100,82 @@ def _run(job):
         progress.close()
 
 
+@contextmanager
+def _cluster(address: str | None):
+    """A ``distributed.Client`` of the scheduler at ``address`` (None: no cluster, work here)."""
+    if address is None:
+        yield None
+        return
+    from distributed import Client  # only with --scheduler: distributed takes a second to import
+
+    try:
+        client = Client(address, timeout="20s")
+    except (OSError, TimeoutError) as err:
+        raise ValueError(f"--scheduler {address}: no Dask scheduler answers there ({err}).") from None
+    try:
+        print(f"cluster {address}: {len(client.nthreads())} workers, {sum(client.nthreads().values())} threads",
+              flush=True)
+        yield client
+    finally:
+        client.close()
+
+
+def _outputs(args: argparse.Namespace, extras: tuple[str, ...]) -> list[Path]:
+    """One output path per input: --out for a single input, DIR/<input name> with --out-dir."""
+    from .engine.batch import output_paths
+
+    if args.out is not None:
+        if len(args.images) > 1:
+            raise ValueError(f"--out names one file for {len(args.images)} inputs: use --out-dir DIR.")
+        return [args.out]
+    for extra in extras:
+        if getattr(args, extra) is not None:
+            raise ValueError(f"--{extra} writes one file: use it with --out and a single input.")
+    outputs = output_paths(args.images, args.out_dir)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    return outputs
+
+
+def _report(results) -> None:
+    """Print what was written; a ValueError naming every input that failed."""
+    failed = [r for r in results if not r.ok]
+    for result in failed:
+        print(f"  {result.source.name}: failed: {result.error}", file=sys.stderr)
+    if failed:
+        names = ", ".join(r.source.name for r in failed)
+        first = failed[0].error if len(failed) == 1 else f"{len(results) - len(failed)} of {len(results)} done"
+        raise ValueError(f"{len(failed)} of {len(results)} inputs failed ({names}): {first}")
+
+
 def _features(args: argparse.Namespace) -> None:
     from .engine import features_job, pca_rgb, resolve_device
-    from .io import read_volume, write_volume
-    from .io.volumes import volume_suffix
+    from .engine.batch import process_files_job
+    from .engine.cluster import features_on_cluster_job
 
-    for out in (args.out, args.pca):
-        if out is not None:
-            volume_suffix(out)
-    volume = read_volume(args.image, spacing=args.spacing)
+    outputs = _outputs(args, ("pca",))
+    if args.scheduler and args.stride != 1:
+        raise ValueError("--scheduler computes features on the image's own grid: use --stride 1.")
     model = _encoder(args)
-    print(f"{args.image.name}: {volume.data.shape} voxels; {model.crossd_meta['arch']} "
-          f"({model.crossd_meta.get('strategy', 'crossd')}) on {resolve_device(args.device)}", flush=True)
-    features = _run(features_job(model, volume.data, spacing=volume.spacing, levels=args.levels, stride=args.stride,
-                                 preset=args.preset, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                                 device=args.device))
-    like = volume if args.stride == 1 else _strided_grid(volume, args.stride)
-    written = [write_volume(args.out, features, like)]
-    if args.pca:
-        written.append(write_volume(args.pca, pca_rgb(features).transpose(3, 0, 1, 2), like))
-    print(f"wrote {', '.join(map(str, written))}: {features.shape[0]} channels")
+    where = args.scheduler or resolve_device(args.device)
+    print(f"{model.crossd_meta['arch']} ({model.crossd_meta.get('strategy', 'crossd')}) on {where}", flush=True)
+    settings = dict(levels=args.levels, preset=args.preset, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                    device=args.device)
+
+    with _cluster(args.scheduler) as client:
+        def process(volume, out):
+            if client is None:
+                job = features_job(model, volume.data, spacing=volume.spacing, stride=args.stride, **settings)
+            else:
+                job = features_on_cluster_job(client, model, volume.data, spacing=volume.spacing, block=args.block,
+                                              **settings)
+            features = yield from job
+            like = volume if args.stride == 1 else _strided_grid(volume, args.stride)
+            print(f"{volume.path.name}: {volume.data.shape} voxels -> {features.shape[0]} channels in {out}",
+                  flush=True)
+            pca = [(args.pca, pca_rgb(features).transpose(3, 0, 1, 2), like)] if args.pca else []
+            return [(out, features, like), *pca]
+
+        _report(_run(process_files_job(args.images, outputs, process, spacing=args.spacing)))
 
 
 def _strided_grid(volume, stride: int):
@@ -136,73 +193,108 @@ def _strided_grid(volume, stride: int):
     return Volume(volume.data, spacing, volume.path, nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), scaled))
 
 
-def _read_labels(path: Path, shape: tuple) -> object:
+def _read_annotations(path: Path, shape: tuple, min_classes: int):
+    """The strokes of a label file (the one label rule: :class:`~napari_crossd.engine.Annotations`)."""
     import numpy as np
 
+    from .engine import Annotations
     from .io import read_volume
 
-    labels = read_volume(path).data
+    labels = np.asarray(read_volume(path).data)
     if labels.shape != shape:
         raise ValueError(f"{path.name} has shape {labels.shape}; expected the image's {shape}.")
-    labels = np.asarray(labels)
     if np.issubdtype(labels.dtype, np.floating):
         if not np.array_equal(labels, np.round(labels)):
             raise ValueError(f"{path.name} holds non-integer values: expected 0 (not annotated) and 1..N.")
         labels = labels.astype(np.int64)
-    return labels
+    try:
+        annotations = Annotations.from_labels(labels, shape, min_classes=min_classes)
+    except ValueError as err:
+        raise ValueError(f"{path.name}: {err}") from None
+    if annotations.num_classes > 64:
+        raise ValueError(f"{path.name} has labels up to {annotations.num_classes}: expected a few classes "
+                         "(0 = not annotated, 1..N). Is it the image instead of the labels?")
+    return annotations
+
+
+def _training_files(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    from .engine.batch import read_pairs
+
+    if args.pairs is not None:
+        if args.image is not None:
+            raise ValueError("Give IMAGE LABELS or --pairs CSV, not both.")
+        return read_pairs(args.pairs)
+    if args.image is None or args.labels is None:
+        raise ValueError("Give an image and its labels (IMAGE LABELS), or --pairs PAIRS.csv.")
+    return [(args.image, args.labels)]
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from .engine import Annotations, Segmenter, finetune_job, load_segmenter, save_segmenter
+    from .engine import Segmenter, finetune_pairs_job, load_segmenter, save_segmenter
     from .io import read_volume
 
-    volume = read_volume(args.image, spacing=args.spacing)
-    labels = _read_labels(args.labels, volume.data.shape)
+    files = _training_files(args)
+    volumes = [read_volume(image, spacing=args.spacing) for image, _ in files]
+    min_classes = 1 if len(files) > 1 else 2  # two classes over all pairs together
+    strokes = [_read_annotations(labels, v.data.shape, min_classes) for (_, labels), v in
+               zip(files, volumes, strict=True)]
     if Path(args.model).is_dir():
         segmenter = load_segmenter(args.model)
-        print(f"retraining {args.model} ({segmenter.trained_voxels:,} voxels last time) on {args.labels}", flush=True)
+        print(f"retraining {args.model} ({segmenter.trained_voxels:,} voxels last time) on "
+              f"{', '.join(labels.name for _, labels in files)}", flush=True)
     else:
-        annotations = Annotations.from_labels(labels, volume.data.shape)  # the one label rule: widget, CLI, engine
-        if annotations.num_classes > 64:
-            raise ValueError(f"{args.labels.name} has labels up to {annotations.num_classes}: expected a few classes "
-                             "(0 = not annotated, 1..N). Is it the image instead of the labels?")
-        names = args.classes or [f"class {i}" for i in range(1, annotations.num_classes + 1)]
-        if len(names) != annotations.num_classes:
-            raise ValueError(f"{len(names)} class names for labels 1..{annotations.num_classes}.")
+        num_classes = max(a.num_classes for a in strokes)
+        names = args.classes or [f"class {i}" for i in range(1, num_classes + 1)]
+        if len(names) != num_classes:
+            raise ValueError(f"{len(names)} class names for labels 1..{num_classes}.")
         segmenter = Segmenter(_encoder(args), names, preset=args.preset)
-    job = finetune_job(segmenter, volume.data, labels, spacing=volume.spacing, full=args.full, steps=args.steps,
-                       tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device, seed=args.seed)
+    job = finetune_pairs_job(
+        segmenter, [(v.data, a) for v, a in zip(volumes, strokes, strict=True)], names=[i.name for i, _ in files],
+        spacing=[v.spacing for v in volumes], full=args.full, steps=args.steps, tile=args.tile, overlap=args.overlap,
+        batch=args.batch, device=args.device, seed=args.seed,
+    )
     summary = _run(job)
     written = save_segmenter(segmenter, args.out)
-    print(f"trained on {summary['voxels']:,} painted voxels of classes {summary['classes']}, "
-          f"{segmenter.describe()}; saved to {written[0].parent}")
+    print(f"trained on {summary['voxels']:,} painted voxels of classes {summary['classes']} in {len(files)} "
+          f"volume{'s' if len(files) > 1 else ''}, {segmenter.describe()}; saved to {written[0].parent}")
+
+
+def _fine_tuned(model: str):
+    from .engine import load_segmenter
+    from .io.checkpoints import NAMED_WEIGHTS
+
+    if not Path(model).exists() and model not in NAMED_WEIGHTS:
+        raise FileNotFoundError(f"--model {model}: no such model directory.")
+    if not Path(model).is_dir():
+        raise ValueError(f"--model {model}: segment needs a fine-tuned model directory "
+                         "(made by 'crossd finetune IMAGE LABELS --out DIR').")
+    return load_segmenter(model)
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from .engine import load_segmenter, segment_job
-    from .io import read_volume, write_volume
-    from .io.checkpoints import NAMED_WEIGHTS
-    from .io.volumes import volume_suffix
+    from .engine import segment_job
+    from .engine.batch import process_files_job
+    from .engine.cluster import segment_on_cluster_job
 
-    for out in (args.out, args.probabilities):
-        if out is not None:
-            volume_suffix(out)
+    outputs = _outputs(args, ("probabilities",))
+    segmenter = _fine_tuned(args.model)
+    settings = dict(tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
+                    probabilities=args.probabilities is not None)
 
-    if not Path(args.model).exists() and args.model not in NAMED_WEIGHTS:
-        raise FileNotFoundError(f"--model {args.model}: no such model directory.")
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--model {args.model}: segment needs a fine-tuned model directory "
-                         "(made by 'crossd finetune IMAGE LABELS --out DIR').")
-    segmenter = load_segmenter(args.model)
-    volume = read_volume(args.image, spacing=args.spacing)
-    labels, probabilities = _run(segment_job(segmenter, volume.data, spacing=volume.spacing, tile=args.tile,
-                                             overlap=args.overlap, batch=args.batch, device=args.device,
-                                             probabilities=args.probabilities is not None))
-    written = [write_volume(args.out, labels, volume)]
-    if args.probabilities:
-        written.append(write_volume(args.probabilities, probabilities, volume))
-    counts = ", ".join(f"{name} {int((labels == i + 1).sum())}" for i, name in enumerate(segmenter.class_names))
-    print(f"wrote {', '.join(map(str, written))}; voxels per class: {counts}")
+    with _cluster(args.scheduler) as client:
+        def process(volume, out):
+            if client is None:
+                job = segment_job(segmenter, volume.data, spacing=volume.spacing, **settings)
+            else:
+                job = segment_on_cluster_job(client, segmenter, volume.data, spacing=volume.spacing,
+                                             block=args.block, **settings)
+            labels, probabilities = yield from job
+            counts = ", ".join(f"{name} {int((labels == i + 1).sum())}" for i, name in enumerate(segmenter.class_names))
+            print(f"{volume.path.name} -> {out}; voxels per class: {counts}", flush=True)
+            extra = [(args.probabilities, probabilities, volume)] if args.probabilities else []
+            return [(out, labels, volume), *extra]
+
+        _report(_run(process_files_job(args.images, outputs, process, spacing=args.spacing)))
 
 
 def _volume_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -222,14 +314,26 @@ def _volume_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--batch", type=int, default=1, help="tiles per forward pass (default 1)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _batch_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    from .engine.cluster import DEFAULT_BLOCK
+
+    parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                        help="volumes: .nii/.nii.gz, .tif/.tiff or .npy")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help=out_help)
+    where.add_argument("--out-dir", type=Path, help="write DIR/<input file name> for each input, in its format")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run the blocks on this Dask distributed scheduler, e.g. tcp://host:8786")
+    parser.add_argument("--block", type=int, default=DEFAULT_BLOCK,
+                        help=f"with --scheduler: block edge in voxels per task (default {DEFAULT_BLOCK})")
+
+
+_MODELS = "checkpoint (.pth/.safetensors), a fine-tuned model directory, or 'default'"
+
+
+def _add_inflate(commands) -> None:
     from .models import ARCHITECTURES
     from .models.inflate import OFFICIAL_SHIFTS, STRATEGIES
-    from .training import add_pretrain_arguments, run_pretrain
-
-    parser = argparse.ArgumentParser(prog="crossd", description="Cross-D Conv: 2D-pretrained CNNs on 3D volumes.")
-    parser.add_argument("--version", action="version", version=f"napari-crossd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
 
     inflate = commands.add_parser(
         "inflate", help="load 2D weights and write the inflated 3D network (.safetensors + .json)",
@@ -251,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     inflate.add_argument("--out", type=Path, required=True, help="output .safetensors path")
     inflate.set_defaults(run=_inflate)
 
+
+def _add_pretrain(commands) -> None:
+    from .training import add_pretrain_arguments, run_pretrain
+
     pretrain = commands.add_parser(
         "pretrain", help="2D supervised pretraining of a Cross-D or plain backbone (one process or torchrun/DDP)",
         description="Train a backbone on labelled 2D images; also runs under "
@@ -259,8 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_arguments(pretrain)
     pretrain.set_defaults(run=run_pretrain)
 
+
+def _add_demo(commands) -> None:
     from .demo import REGIONS
     from .demo import main as run_demo
+    from .models.inflate import STRATEGIES
 
     demo = commands.add_parser(
         "demo", help="napari with the MNI152 sample, default weights and the plugin's widgets (or --headless)",
@@ -276,50 +387,67 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (--headless)")
     demo.set_defaults(run=run_demo)
 
-    models = "checkpoint (.pth/.safetensors), a fine-tuned model directory, or 'default'"
+
+def _add_features(commands) -> None:
     features = commands.add_parser(
-        "features", help="hypercolumn features of a volume (channels first .npy, or 4D NIfTI on its grid)",
-        description="Inflate the model, run it over IMAGE in tiles and write every voxel's multi-scale features.",
+        "features", help="hypercolumn features of volumes (channels first .npy, or 4D NIfTI on their grid)",
+        description="Inflate the model, run it over each IMAGE in tiles and write every voxel's multi-scale "
+                    "features. A file that fails is reported by name and the others still complete.",
     )
-    features.add_argument("image", type=Path, help="volume: .nii/.nii.gz, .tif/.tiff or .npy")
-    _volume_arguments(features, models)
+    _batch_arguments(features, "output .npy (C, Z, Y, X), .nii.gz or .tif (one input)")
+    _volume_arguments(features, _MODELS)
     features.add_argument("--levels", type=int, nargs="+", help="encoder levels (default: strides up to 8)")
     features.add_argument("--stride", type=int, default=1, help="output stride (default 1: the image's grid)")
-    features.add_argument("--pca", type=Path, help="also write the 3-channel PCA view here")
-    features.add_argument("--out", type=Path, required=True, help="output .npy (C, Z, Y, X), .nii.gz or .tif")
+    features.add_argument("--pca", type=Path, help="also write the 3-channel PCA view here (one input)")
     features.set_defaults(run=_features)
 
+
+def _add_finetune(commands) -> None:
     finetune = commands.add_parser(
         "finetune", help="train a voxel classifier on painted labels (0 = not annotated)",
-        description="Train on LABELS (same grid as IMAGE; 0 = not annotated, 1..N = classes) and save the "
-                    "model to --out: a random forest on each voxel's filter bank and encoder features. With "
-                    "--model DIR from an earlier run, its encoder and settings are retrained on LABELS "
-                    "(pass all strokes, old and new).",
+        description="Train on LABELS (same grid as IMAGE; 0 = not annotated, 1..N = classes), or on every "
+                    "image,labels row of --pairs PAIRS.csv together, and save the model to --out: a random forest "
+                    "on each voxel's filter bank and encoder features. With --model DIR from an earlier run, its "
+                    "encoder and settings are retrained on LABELS (pass all strokes, old and new).",
     )
-    finetune.add_argument("image", type=Path, help="volume: .nii/.nii.gz, .tif/.tiff or .npy")
-    finetune.add_argument("labels", type=Path, help="label volume on the image's grid")
-    _volume_arguments(finetune, models)
+    finetune.add_argument("image", type=Path, nargs="?", help="volume: .nii/.nii.gz, .tif/.tiff or .npy")
+    finetune.add_argument("labels", type=Path, nargs="?", help="label volume on the image's grid")
+    finetune.add_argument("--pairs", type=Path, metavar="PAIRS.csv",
+                          help="CSV of image,labels rows (paths relative to the CSV allowed; header optional)")
+    _volume_arguments(finetune, _MODELS)
     finetune.add_argument("--full", action="store_true",
                           help="first fine-tune the encoder on crops around the strokes (slower; for images "
-                               "unlike anything the weights were trained on)")
+                               "unlike anything the weights were trained on; one image)")
     finetune.add_argument("--steps", type=int, default=150, help="encoder fine-tuning steps with --full (default 150)")
     finetune.add_argument("--classes", nargs="+", metavar="NAME", help="class names, label 1 first")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--out", type=Path, required=True, help="output model directory")
     finetune.set_defaults(run=_finetune)
 
+
+def _add_segment(commands) -> None:
     segment = commands.add_parser(
-        "segment", help="label every voxel with a fine-tuned model (same grid and affine as the image)",
-        description="Segment IMAGE with a model directory written by 'crossd finetune'.",
+        "segment", help="label every voxel with a fine-tuned model (same grid and affine as each image)",
+        description="Segment each IMAGE with a model directory written by 'crossd finetune'. A file that fails "
+                    "is reported by name and the others still complete; the exit status is 2 if any failed.",
     )
-    segment.add_argument("image", type=Path, help="volume: .nii/.nii.gz, .tif/.tiff or .npy")
+    _batch_arguments(segment, "output label volume (.nii.gz, .tif or .npy; one input)")
     _volume_arguments(segment, "fine-tuned model directory (crossd finetune --out)")
     segment.add_argument("--probabilities", type=Path, help="also write per-class probabilities (C, Z, Y, X) here")
-    segment.add_argument("--out", type=Path, required=True, help="output label volume (.nii.gz, .tif or .npy)")
     segment.set_defaults(run=_segment)
 
+
+def _add_info(commands) -> None:
     info = commands.add_parser("info", help="versions, devices, architectures and strategies")
     info.set_defaults(run=_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossd", description="Cross-D Conv: 2D-pretrained CNNs on 3D volumes.")
+    parser.add_argument("--version", action="version", version=f"napari-crossd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_inflate, _add_pretrain, _add_demo, _add_features, _add_finetune, _add_segment, _add_info):
+        add(commands)
     return parser
 
 

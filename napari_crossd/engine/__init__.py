@@ -3,6 +3,10 @@ inference, voxel features (filter bank and encoder levels), and segmentation fro
 painted labels. Knows numpy, torch and dask;
 never Qt or napari.
 
+Several volumes: :func:`finetune_pairs` trains one segmenter on many annotated volumes,
+:mod:`.batch` processes many files, and :mod:`.cluster` runs the blocks of a volume on a
+Dask distributed cluster (imported on use: it loads ``distributed``).
+
 Every long operation is a generator (``*_job``) that yields :class:`Progress` and returns
 its result; :func:`run_job` (and the plain-function forms) drive one to the end.
 """
@@ -18,6 +22,8 @@ from .segmenter import (
     default_spec,
     finetune,
     finetune_job,
+    finetune_pairs,
+    finetune_pairs_job,
     load_segmenter,
     save_segmenter,
     segment,
@@ -38,6 +44,8 @@ __all__ = [
     "features_job",
     "finetune",
     "finetune_job",
+    "finetune_pairs",
+    "finetune_pairs_job",
     "intensity_stats",
     "load_segmenter",
     "pca_rgb",

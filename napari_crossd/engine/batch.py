@@ -9,6 +9,7 @@ Convention:
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..io import Volume, read_volume, write_volume
 from ..io.volumes import volume_suffix
 from .jobs import Job, Progress, named_job
 
-__all__ = ["FileResult", "output_paths", "process_files_job"]
+__all__ = ["FileResult", "output_paths", "process_files_job", "read_pairs"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,39 @@ def output_paths(inputs: Sequence[Path], directory: Path) -> list[Path]:
         if out.resolve() == Path(source).resolve():
             raise ValueError(f"The output for {source} would replace the input: choose another --out-dir.")
     return outputs
+
+
+def read_pairs(path: Path) -> list[tuple[Path, Path]]:
+    """The ``image,labels`` rows of a CSV file, paths relative to the file's folder.
+
+    A first row that does not name two volume files (e.g. ``image,labels``) is a header;
+    blank lines are skipped.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="") as handle:
+            rows = [(number, [cell.strip() for cell in row]) for number, row in enumerate(csv.reader(handle), 1)
+                    if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"Cannot read the pairs file {path}: {err}") from None
+    if rows and not all(_is_volume_name(cell) for cell in rows[0][1]):
+        rows = rows[1:]
+    pairs = []
+    for number, cells in rows:
+        if len(cells) != 2 or not all(cells):
+            raise ValueError(f"{path.name}, line {number}: expected 'image,labels', got {','.join(cells)!r}.")
+        pairs.append((path.parent / cells[0], path.parent / cells[1]))
+    if not pairs:
+        raise ValueError(f"{path.name} lists no image,labels rows.")
+    return pairs
+
+
+def _is_volume_name(cell: str) -> bool:
+    try:
+        volume_suffix(Path(cell))
+    except ValueError:
+        return False
+    return True
 
 
 # One volume's work: its job yields Progress and returns [(path, data, grid to write it on)].

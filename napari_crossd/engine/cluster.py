@@ -158,7 +158,7 @@ def _blocks_job(client, shared, volume, halo: int, block: int, task: Callable, o
     job_id = next(_job_ids)
     shared_future = client.scatter(_Pickled(shared), broadcast=True, hash=False)
     running, boxes_left = {}, iter(enumerate(boxes))
-    done = as_completed()
+    done = as_completed(loop=client.loop)
 
     def submit() -> None:
         for index, box in boxes_left:

@@ -16,6 +16,7 @@ first fine-tunes the encoder on crops around the strokes (:mod:`.encoder_tuning`
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -249,7 +250,8 @@ def finetune_pairs_job(
 
 
 def _per_pair(spacing, count: int) -> list:
-    if spacing is None or np.ndim(spacing) == 1:
+    """``spacing`` for each of ``count`` pairs: one voxel size for all, or a list of them."""
+    if spacing is None or all(isinstance(s, numbers.Real) for s in spacing):
         return [spacing] * count
     return list(spacing)
 
@@ -265,6 +267,9 @@ def _annotations_of(pairs, names, num_classes: int, max_points: int, seed: int) 
         if isinstance(labels, Annotations):
             if labels.shape != tuple(volume.shape):
                 raise ValueError(f"{name}: the annotations are of shape {labels.shape}; the image is {volume.shape}.")
+            if labels.painted_classes[-1] > num_classes:
+                raise ValueError(f"{name}: labels must be 0 (not annotated) or 1..{num_classes} for this model's "
+                                 f"{num_classes} classes; found {labels.painted_classes[-1]}.")
             annotations.append(labels)
             continue
         try:
