@@ -137,10 +137,13 @@ def _outputs(args: argparse.Namespace, extras: tuple[str, ...]) -> list[Path]:
 
 
 def _report(results) -> None:
-    """Print what was written; a ValueError naming every input that failed."""
+    """Print what became of each input; a ValueError naming every input that failed."""
+    for result in results:
+        if result.ok:
+            print(f"{result.source.name}: wrote {', '.join(map(str, result.written))}; {result.summary}", flush=True)
+        else:
+            print(f"  {result.source.name}: failed: {result.error}", file=sys.stderr)
     failed = [r for r in results if not r.ok]
-    for result in failed:
-        print(f"  {result.source.name}: failed: {result.error}", file=sys.stderr)
     if failed:
         names = ", ".join(r.source.name for r in failed)
         first = failed[0].error if len(failed) == 1 else f"{len(results) - len(failed)} of {len(results)} done"
@@ -148,49 +151,20 @@ def _report(results) -> None:
 
 
 def _features(args: argparse.Namespace) -> None:
-    from .engine import features_job, pca_rgb, resolve_device
-    from .engine.batch import process_files_job
-    from .engine.cluster import features_on_cluster_job
+    from .engine import resolve_device
+    from .engine.batch import features_files_job
 
     outputs = _outputs(args, ("pca",))
-    if args.scheduler and args.stride != 1:
-        raise ValueError("--scheduler computes features on the image's own grid: use --stride 1.")
     model = _encoder(args)
     where = args.scheduler or resolve_device(args.device)
     print(f"{model.crossd_meta['arch']} ({model.crossd_meta.get('strategy', 'crossd')}) on {where}", flush=True)
-    settings = dict(levels=args.levels, preset=args.preset, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                    device=args.device)
-
     with _cluster(args.scheduler) as client:
-        def process(volume, out):
-            if client is None:
-                job = features_job(model, volume.data, spacing=volume.spacing, stride=args.stride, **settings)
-            else:
-                job = features_on_cluster_job(client, model, volume.data, spacing=volume.spacing, block=args.block,
-                                              **settings)
-            features = yield from job
-            like = volume if args.stride == 1 else _strided_grid(volume, args.stride)
-            print(f"{volume.path.name}: {volume.data.shape} voxels -> {features.shape[0]} channels in {out}",
-                  flush=True)
-            pca = [(args.pca, pca_rgb(features).transpose(3, 0, 1, 2), like)] if args.pca else []
-            return [(out, features, like), *pca]
-
-        _report(_run(process_files_job(args.images, outputs, process, spacing=args.spacing)))
-
-
-def _strided_grid(volume, stride: int):
-    """The grid of one voxel per ``stride``-cube of ``volume``, sampled at the cube's centre."""
-    import nibabel as nib
-    import numpy as np
-
-    from .io import Volume
-
-    spacing = tuple(s * stride for s in volume.spacing) if volume.spacing else None
-    if volume.nifti is None:
-        return Volume(volume.data, spacing, volume.path)
-    scaled = volume.nifti.affine @ np.diag([stride, stride, stride, 1.0])
-    scaled[:3, 3] = volume.nifti.affine[:3, :3] @ np.full(3, (stride - 1) / 2) + volume.nifti.affine[:3, 3]
-    return Volume(volume.data, spacing, volume.path, nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), scaled))
+        job = features_files_job(
+            model, args.images, outputs, spacing=args.spacing, client=client, block=args.block, stride=args.stride,
+            pca=args.pca, levels=args.levels, preset=args.preset, tile=args.tile, overlap=args.overlap,
+            batch=args.batch, device=args.device,
+        )
+        _report(_run(job))
 
 
 def _read_annotations(path: Path, shape: tuple, min_classes: int):
@@ -272,29 +246,17 @@ def _fine_tuned(model: str):
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from .engine import segment_job
-    from .engine.batch import process_files_job
-    from .engine.cluster import segment_on_cluster_job
+    from .engine.batch import segment_files_job
 
     outputs = _outputs(args, ("probabilities",))
     segmenter = _fine_tuned(args.model)
-    settings = dict(tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
-                    probabilities=args.probabilities is not None)
-
     with _cluster(args.scheduler) as client:
-        def process(volume, out):
-            if client is None:
-                job = segment_job(segmenter, volume.data, spacing=volume.spacing, **settings)
-            else:
-                job = segment_on_cluster_job(client, segmenter, volume.data, spacing=volume.spacing,
-                                             block=args.block, **settings)
-            labels, probabilities = yield from job
-            counts = ", ".join(f"{name} {int((labels == i + 1).sum())}" for i, name in enumerate(segmenter.class_names))
-            print(f"{volume.path.name} -> {out}; voxels per class: {counts}", flush=True)
-            extra = [(args.probabilities, probabilities, volume)] if args.probabilities else []
-            return [(out, labels, volume), *extra]
-
-        _report(_run(process_files_job(args.images, outputs, process, spacing=args.spacing)))
+        job = segment_files_job(
+            segmenter, args.images, outputs, spacing=args.spacing, client=client, block=args.block,
+            probabilities=args.probabilities, tile=args.tile, overlap=args.overlap, batch=args.batch,
+            device=args.device,
+        )
+        _report(_run(job))
 
 
 def _volume_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:

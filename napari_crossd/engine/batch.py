@@ -15,12 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from ..io import Volume, read_volume, write_volume
-from ..io.volumes import volume_suffix
+from ..io.volumes import SUFFIXES, strided_grid, volume_suffix
+from .cluster import DEFAULT_BLOCK, features_on_cluster_job, segment_on_cluster_job
+from .features import features_job, pca_rgb
 from .jobs import Job, Progress, named_job
+from .segmenter import Segmenter, segment_job
 
-__all__ = ["FileResult", "output_paths", "process_files_job", "read_pairs"]
+__all__ = [
+    "FileResult",
+    "features_files_job",
+    "output_paths",
+    "process_files_job",
+    "read_pairs",
+    "segment_files_job",
+    "volume_files",
+]
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class FileResult:
     source: Path
     written: tuple[Path, ...] = ()
     error: str | None = None
+    summary: str = ""
 
     @property
     def ok(self) -> bool:
@@ -76,6 +89,86 @@ def read_pairs(path: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def volume_files(folder: Path) -> list[Path]:
+    """The volume files (:data:`~napari_crossd.io.volumes.SUFFIXES`) directly in ``folder``, by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _is_volume_name(p.name))
+    if not files:
+        raise ValueError(f"{folder} holds no volume files ({', '.join(SUFFIXES)}).")
+    return files
+
+
+def segment_files_job(
+    segmenter: Segmenter, inputs: Sequence[Path], outputs: Sequence[Path], *, spacing=None, client=None,
+    block: int = DEFAULT_BLOCK, probabilities: Path | None = None, **settings,
+) -> Job[list[FileResult]]:
+    """Label each input with ``segmenter`` and write it on the input's grid (the CLI's and
+    the Fine-tune widget's batch path).
+
+    Args:
+        segmenter: a trained segmenter.
+        inputs, outputs: as :func:`process_files_job`.
+        spacing: voxel size for every input (default: each file's own).
+        client: a ``distributed.Client``: the blocks run on its cluster
+            (:func:`.cluster.segment_on_cluster_job`, ``block``); None: here.
+        probabilities: also write the per-class probabilities of a single input here.
+        settings: ``tile``, ``overlap``, ``batch``, ``device`` (:func:`.segmenter.segment_job`).
+    """
+    if probabilities is not None and len(inputs) != 1:
+        raise ValueError(f"Probabilities go to one file; {len(inputs)} inputs were given.")
+
+    def process(volume: Volume, out: Path):
+        labels, probs = yield from _segmentation_job(segmenter, volume, client, block, probabilities is not None,
+                                                     settings)
+        counts = ", ".join(f"{name} {int((labels == i + 1).sum())}" for i, name in enumerate(segmenter.class_names))
+        extra = [(probabilities, probs, volume)] if probabilities is not None else []
+        return [(out, labels, volume), *extra], f"voxels per class: {counts}"
+
+    return (yield from process_files_job(inputs, outputs, process, spacing=spacing))
+
+
+def _segmentation_job(segmenter, volume: Volume, client, block, probabilities: bool, settings: dict):
+    if client is None:
+        return segment_job(segmenter, volume.data, spacing=volume.spacing, probabilities=probabilities, **settings)
+    return segment_on_cluster_job(client, segmenter, volume.data, spacing=volume.spacing, block=block,
+                                  probabilities=probabilities, **settings)
+
+
+def features_files_job(
+    model: nn.Module, inputs: Sequence[Path], outputs: Sequence[Path], *, spacing=None, client=None,
+    block: int = DEFAULT_BLOCK, stride: int = 1, pca: Path | None = None, **settings,
+) -> Job[list[FileResult]]:
+    """Features of each input, written on its grid (every ``stride``-th voxel's centre).
+
+    Args:
+        model: inflated 3D network.
+        inputs, outputs, spacing, client, block: as :func:`segment_files_job` (a cluster
+            computes ``stride`` 1 only).
+        pca: also write the 3-channel PCA view of a single input here.
+        settings: ``levels``, ``preset``, ``tile``, ``overlap``, ``batch``, ``device``
+            (:func:`.features.features_job`).
+    """
+    if pca is not None and len(inputs) != 1:
+        raise ValueError(f"The PCA view goes to one file; {len(inputs)} inputs were given.")
+    if client is not None and stride != 1:
+        raise ValueError("A cluster computes features on the image's own grid: use stride 1.")
+
+    def process(volume: Volume, out: Path):
+        if client is None:
+            job = features_job(model, volume.data, spacing=volume.spacing, stride=stride, **settings)
+        else:
+            job = features_on_cluster_job(client, model, volume.data, spacing=volume.spacing,
+                                          block=block, **settings)
+        features = yield from job
+        like = volume if stride == 1 else strided_grid(volume, stride)
+        extra = [(pca, pca_rgb(features).transpose(3, 0, 1, 2), like)] if pca is not None else []
+        return [(out, features, like), *extra], f"{volume.data.shape} voxels -> {features.shape[0]} channels"
+
+    return (yield from process_files_job(inputs, outputs, process, spacing=spacing))
+
+
 def _is_volume_name(cell: str) -> bool:
     try:
         volume_suffix(Path(cell))
@@ -84,8 +177,8 @@ def _is_volume_name(cell: str) -> bool:
     return True
 
 
-# One volume's work: its job yields Progress and returns [(path, data, grid to write it on)].
-Process = Callable[[Volume, Path], Job[list[tuple[Path, np.ndarray, Volume]]]]
+# One volume's work: its job yields Progress and returns ([(path, data, grid to write it on)], summary).
+Process = Callable[[Volume, Path], Job[tuple[list[tuple[Path, np.ndarray, Volume]], str]]]
 
 
 def process_files_job(
@@ -97,7 +190,8 @@ def process_files_job(
         inputs: volume files (NIfTI, TIFF, NumPy).
         outputs: one path per input (checked for a known suffix before any work starts).
         process: given the :class:`~napari_crossd.io.Volume` and its output path, a job that
-            returns the ``(path, data, like)`` triples to write (``like``: the grid).
+            returns the ``(path, data, like)`` triples to write (``like``: the grid) and a
+            one-line summary.
         spacing: voxel size for every input (default: each file's own).
 
     Returns:
@@ -112,9 +206,9 @@ def process_files_job(
         yield Progress(index, len(inputs), f"{source.name}: reading ({index + 1}/{len(inputs)})", phase="files")
         try:
             volume = read_volume(source, spacing=spacing)
-            writes = yield from named_job(process(volume, out), f"{source.name} ({index + 1}/{len(inputs)})")
+            writes, summary = yield from named_job(process(volume, out), f"{source.name} ({index + 1}/{len(inputs)})")
             written = tuple(write_volume(path, data, like) for path, data, like in writes)
-            results.append(FileResult(source, written))
+            results.append(FileResult(source, written, summary=summary))
         except Exception as err:  # one bad file must not stop the others: it is named in the result
             results.append(FileResult(source, error=str(err) or type(err).__name__))
     yield Progress(len(inputs), len(inputs), f"{sum(r.ok for r in results)}/{len(inputs)} files done", phase="files")

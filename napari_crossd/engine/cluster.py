@@ -23,7 +23,6 @@ from itertools import count, product
 
 import numpy as np
 import torch
-from distributed import as_completed, get_worker
 from torch import nn
 
 from .devices import resolve_device
@@ -148,6 +147,8 @@ def features_on_cluster_job(
 def _blocks_job(client, shared, volume, halo: int, block: int, task: Callable, options: dict,
                 write: Callable, what: str) -> Job[None]:
     """Run ``task(shared, region, core, **options)`` on every block; ``write(box, result)`` as each ends."""
+    from distributed import as_completed  # here, not above: importing distributed takes a second
+
     if not (isinstance(block, int) and block >= 1):
         raise ValueError(f"block must be a positive number of voxels, got {block!r}.")
     shape = tuple(int(n) for n in volume.shape)
@@ -201,19 +202,26 @@ class _Pickled:
 
 
 def _worker_device(device: str) -> torch.device:
+    from distributed import get_worker  # runs on a worker, where distributed is loaded already
     # Each worker process keeps to its own threads: several on one machine must not each take every core.
     torch.set_num_threads(max(1, get_worker().state.nthreads))
     return resolve_device(device)
+
+
+def _worker_address() -> str:
+    from distributed import get_worker  # runs on a worker, where distributed is loaded already
+
+    return get_worker().address
 
 
 def _segment_block(shared: _Pickled, region: np.ndarray, core, *, stats, settings, device, probabilities):
     segmenter = shared.value
     source = segmenter.features(region, stats=stats, boxes=[core], **settings)
     labels, probs = run_job(classify_job(segmenter, source, _worker_device(device), None, probabilities))
-    return get_worker().address, (labels[core], None if probs is None else probs[(slice(None), *core)])
+    return _worker_address(), (labels[core], None if probs is None else probs[(slice(None), *core)])
 
 
 def _features_block(shared: _Pickled, region: np.ndarray, core, *, stats, settings, device):
     device = _worker_device(device)
     features = run_job(hypercolumns_job(shared.value, region, stats, stride=1, device=device, **settings))
-    return get_worker().address, features[(slice(None), *core)]
+    return _worker_address(), features[(slice(None), *core)]

@@ -21,7 +21,7 @@ import numpy as np
 
 from .atomic import atomic_path
 
-__all__ = ["SUFFIXES", "Volume", "canonical_zyx", "read_volume", "volume_suffix", "write_volume"]
+__all__ = ["SUFFIXES", "Volume", "canonical_zyx", "read_volume", "strided_grid", "volume_suffix", "write_volume"]
 
 SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff", ".npy")
 
@@ -104,6 +104,17 @@ def read_volume(path: str | Path, spacing: tuple[float, float, float] | None = N
     if data.ndim != 3:
         raise ValueError(f"{path.name}: expected a 3D volume (Z, Y, X), got shape {data.shape}.")
     return Volume(data, spacing, path, image)
+
+
+def strided_grid(volume: Volume, stride: int) -> Volume:
+    """The grid of one voxel per ``stride``-cube of ``volume``, sampled at the cube's centre
+    (what features at a stride are written on)."""
+    spacing = tuple(s * stride for s in volume.spacing) if volume.spacing else None
+    if volume.nifti is None:
+        return Volume(volume.data, spacing, volume.path)
+    scaled = volume.nifti.affine @ np.diag([stride, stride, stride, 1.0])
+    scaled[:3, 3] = volume.nifti.affine[:3, :3] @ np.full(3, (stride - 1) / 2) + volume.nifti.affine[:3, 3]
+    return Volume(volume.data, spacing, volume.path, nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), scaled))
 
 
 def _nifti_like(data: np.ndarray, like: Volume | None) -> nib.Nifti1Image:
