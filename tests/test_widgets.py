@@ -155,8 +155,8 @@ def test_workflow_features_finetune_predict_save_reload(
     assert tune.status.value.startswith(f"trained on {int((painted > 0).sum()):,} painted voxels, classes [1, 2, 3, 4]")
     segmenter = session.segmenter
     assert segmenter is not None and segmenter.class_names[2] == "grey matter"
-    features = session.features
-    assert features is not None and features.block is not None  # kept for Predict and retraining
+    features = session.features[id(image.data)]
+    assert features.block is not None  # kept for Predict and retraining
 
     # Predict: a new Labels layer on the image grid, checked against the tissue labels.
     tune.predict()
@@ -179,7 +179,7 @@ def test_workflow_features_finetune_predict_save_reload(
     tune.train()
     wait_idle(qtbot, tune)
     assert tune.runner.last_status == "done", tune.runner.last_error
-    assert session.segmenter is segmenter and session.features is features and features.block is block
+    assert session.segmenter is segmenter and session.features[id(image.data)] is features and features.block is block
     assert segmenter.trained_voxels == int((strokes_layer.data > 0).sum()) > int((painted > 0).sum())
 
     # Save, reload, and predict the same labels with the reloaded model.
@@ -253,6 +253,64 @@ def test_bad_inputs_notify_and_leave_layers_intact(qtbot, make_napari_viewer, tm
     assert "no model loaded" in errors[-1]
     assert_unchanged(viewer, before)
     assert len(errors) == 5
+
+
+def test_two_open_images_train_one_model_and_are_segmented_together(
+    qtbot, viewer_with_crop, mni_crop_files, mni_sample, tmp_path, errors
+):
+    viewer, image = viewer_with_crop
+    load_model_in_widget(qtbot, viewer)
+    tune = dock(viewer, "Fine-tune (paint and train)")
+    # a second real volume: the middle of the brain, 60 mm above the crop already open
+    zyx = (slice(120, 152), slice(100, 164), slice(66, 130))
+    other = viewer.add_image(mni_sample.image[zyx], name="middle")
+    truths = {"mni_t1_crop": mni_crop_files["truth"], "middle": mni_sample.labels[zyx]}
+    layers = {}
+    for seed, layer in enumerate((other, image)):  # the crop last: it stays picked
+        tune.image.value = layer
+        strokes = tune.new_strokes()
+        painted = paint_strokes(truths[layer.name], slices=4, seed=seed)
+        strokes.data_setitem(tuple(np.nonzero(painted)), painted[np.nonzero(painted)])
+        layers[layer.name] = (layer, strokes, painted)
+    assert tune.strokes.value.name == "mni_t1_crop strokes"
+
+    tune.train()
+    wait_idle(qtbot, tune)
+    assert tune.runner.last_status == "done", tune.runner.last_error
+    painted_voxels = sum(int((p > 0).sum()) for _, _, p in layers.values())
+    assert tune.session.segmenter.trained_voxels == painted_voxels
+    trained = f"trained on {painted_voxels:,} painted voxels in 2 images (middle, mni_t1_crop)"
+    assert tune.status.value.startswith(trained)
+    assert set(tune.session.features) == {id(image.data), id(other.data)}
+
+    tune.predict_all()
+    wait_idle(qtbot, tune)
+    assert tune.runner.last_status == "done", tune.runner.last_error
+    for name, (layer, _, painted) in layers.items():
+        result = viewer.layers[f"{name} segmentation"]
+        unpainted = np.ones(result.data.shape[0], dtype=bool)
+        unpainted[np.unique(np.nonzero(painted)[0])] = False
+        scores = dice_scores(result.data[unpainted], truths[name][unpainted], [3, 4])
+        assert scores[3] > 0.85 and scores[4] > 0.85, (name, scores)
+        assert tuple(result.scale) == tuple(layer.scale)
+
+    # the saved model on a folder: the command line's batch path, a bad file named, the others written
+    folder = tmp_path / "images"
+    folder.mkdir()
+    np.save(folder / "middle.npy", other.data)
+    np.save(folder / "flat.npy", np.zeros((8, 8), np.float32))
+    tune.images_folder.value = str(folder)
+    tune.output_folder.value = str(tmp_path / "labels")
+    tune.segment_folder()
+    wait_idle(qtbot, tune)
+    assert tune.runner.last_status == "done", tune.runner.last_error
+    assert tune.status.value.startswith(f"segmented 1/2 files into {tmp_path / 'labels'}; failed: flat.npy")
+    written = np.load(tmp_path / "labels" / "middle.npy")
+    np.testing.assert_array_equal(written, viewer.layers["middle segmentation"].data)
+
+    viewer.layers.remove(other)  # its cached features go with it
+    assert set(tune.session.features) == {id(image.data)}
+    assert errors == []
 
 
 def test_cancel_and_failure_keep_layers(qtbot, viewer_with_crop, mni_crop_files, errors):

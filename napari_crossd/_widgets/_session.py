@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from psygnal import Signal
 
+from ._common import volume_data
+
 __all__ = ["Session", "session_for"]
 
 
@@ -21,10 +23,11 @@ class Session:
         device: the device choice (``"auto"``, ``"cpu"``, ...).
         info: what was loaded (architecture, parameters, strategy, keys), for display.
         segmenter: the segmentation model trained or loaded for ``model3d``, or None.
-        features: the voxel features of the image last trained on or predicted
-            (:class:`napari_crossd.engine.VolumeFeatures`): kept so that retraining after
-            more strokes, and predicting, do not compute them again. Replaced when the
-            image, its spacing or the segmenter's encoder or features change.
+        features: the voxel features of each image trained on or predicted, by
+            ``id`` of its data (:class:`napari_crossd.engine.VolumeFeatures`, which holds
+            the data, so the id stays its own): kept so that retraining after more strokes,
+            and predicting, do not compute them again. Replaced when the image, its spacing
+            or the segmenter's encoder or features change; dropped with the image's layer.
     """
 
     model2d: object = None
@@ -32,14 +35,17 @@ class Session:
     device: str = "auto"
     info: dict = field(default_factory=dict)
     segmenter: object = None
-    features: object = None
+    features: dict = field(default_factory=dict)
 
     def features_for(self, segmenter, volume, spacing):
         """The cached features of ``volume`` for ``segmenter``, or new ones (then cached)."""
-        cached = self.features
-        if cached is None or not cached.serves(volume, segmenter.encoder, segmenter.spec, spacing, None):
-            self.features = segmenter.features(volume, spacing=spacing)
-        return self.features
+        cached = self.features.get(id(volume))
+        self.features[id(volume)] = segmenter.features(volume, cached=cached, spacing=spacing)
+        return self.features[id(volume)]
+
+    def forget_features(self, volume) -> None:
+        """Drop the cached features of ``volume`` (its layer was removed)."""
+        self.features.pop(id(volume), None)
 
     def require_model(self):
         """The 3D network, or a ValueError telling the user to load one."""
@@ -60,5 +66,7 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def session_for(viewer) -> tuple[Session, _Events]:
     """The session of ``viewer`` (created on first use, dropped with the viewer)."""
     if viewer not in _SESSIONS:
-        _SESSIONS[viewer] = (Session(), _Events())
+        session = Session()
+        viewer.layers.events.removed.connect(lambda event: session.forget_features(volume_data(event.value)))
+        _SESSIONS[viewer] = (session, _Events())
     return _SESSIONS[viewer]

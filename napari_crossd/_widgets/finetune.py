@@ -1,6 +1,9 @@
-"""Fine-tune widget: paint strokes, train the voxel classifier, predict, paint corrections, retrain, save."""
+"""Fine-tune widget: paint strokes, train the voxel classifier, predict, paint corrections, retrain, save;
+several open images train one model, and a saved model segments every open image or a folder."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton, SpinBox
@@ -12,15 +15,23 @@ from ._session import session_for
 
 __all__ = ["FinetuneWidget"]
 
+# Metadata key of a strokes layer made by "New strokes layer": the name of its image.
+STROKES_OF = "strokes_of"
+
 
 class FinetuneWidget(Container):
     """Train on a Labels layer of strokes (0 = not annotated, 1..N classes).
 
     Train fits a random forest on the painted voxels' features (filter bank and encoder
     levels, computed once per image and kept in the session); after more strokes, Train
-    again refits on all of them in a second or two. "Also fine-tune the encoder" first
-    adapts the encoder itself on crops around the strokes (its loss is plotted): for images
-    unlike anything the weights have seen, at the price of computing every feature again.
+    again refits on all of them in a second or two. With "train on every open image's
+    strokes", the strokes layers of the other images (made with "New strokes layer") train
+    the same model. "Also fine-tune the encoder" first adapts the encoder itself on crops
+    around the strokes (its loss is plotted): for images unlike anything the weights have
+    seen, at the price of computing every feature again (one image only).
+
+    "Segment all open images" labels every 3D image layer with the current model; "Segment
+    folder" labels every volume file of a folder into another (the command line's batch path).
     """
 
     def __init__(self, napari_viewer) -> None:
@@ -31,34 +42,44 @@ class FinetuneWidget(Container):
         self.image = LayerPicker(napari_viewer, napari.layers.Image, "image")
         self.strokes = LayerPicker(napari_viewer, napari.layers.Labels, "strokes")
         self.new_strokes_button = PushButton(text="New strokes layer")
+        self.every_image = CheckBox(text="train on every open image's strokes", value=True)
         self.full = CheckBox(text="also fine-tune the encoder (slow; for unfamiliar images)", value=False)
         self.steps = SpinBox(label="encoder steps", value=150, min=1, max=100_000)
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.predict_button = PushButton(text="Predict")
+        self.predict_all_button = PushButton(text="Segment all open images")
         self.folder = FileEdit(label="model folder", mode="d")
         self.save_button = PushButton(text="Save model")
         self.load_button = PushButton(text="Load model")
+        self.images_folder = FileEdit(label="images folder", mode="d")
+        self.output_folder = FileEdit(label="output folder", mode="d")
+        self.segment_folder_button = PushButton(text="Segment folder")
         self.status = Label(value="paint classes 1..N in a strokes layer, then Train")
         super().__init__(widgets=[
-            self.image, self.strokes, self.new_strokes_button, self.full, self.steps,
-            self.train_button, self.cancel_button, self.predict_button,
-            self.folder, self.save_button, self.load_button, self.status,
+            self.image, self.strokes, self.new_strokes_button, self.every_image, self.full, self.steps,
+            self.train_button, self.cancel_button, self.predict_button, self.predict_all_button,
+            self.folder, self.save_button, self.load_button,
+            self.images_folder, self.output_folder, self.segment_folder_button, self.status,
         ])
         self.loss_plot = CurvePlot("encoder fine-tuning loss")
-        self.native.layout().insertWidget(7, self.loss_plot)
+        self.native.layout().insertWidget(8, self.loss_plot)
         self.runner = JobRunner(on_busy=self._busy)
         self.new_strokes_button.changed.connect(self.new_strokes)
         self.train_button.changed.connect(self.train)
         self.cancel_button.changed.connect(self.runner.cancel)
         self.predict_button.changed.connect(self.predict)
+        self.predict_all_button.changed.connect(self.predict_all)
+        self.segment_folder_button.changed.connect(self.segment_folder)
         self.save_button.changed.connect(self.save)
         self.load_button.changed.connect(self.load)
         self.losses: list[float] = []
+        self.batch_results: list = []  # the last "Segment folder" run: one FileResult per file
         self.phase = ""  # the running job's phase (Progress.phase)
 
     def _busy(self, busy: bool) -> None:
-        for button in (self.train_button, self.predict_button, self.save_button, self.load_button):
+        for button in (self.train_button, self.predict_button, self.predict_all_button, self.save_button,
+                       self.load_button, self.segment_folder_button):
             button.enabled = not busy
         self.cancel_button.enabled = busy
 
@@ -71,6 +92,7 @@ class FinetuneWidget(Container):
             self.runner.fail(str(err))
             return None
         kwargs = derived_kwargs(layer, f"{layer.name} strokes")
+        kwargs["metadata"][STROKES_OF] = layer.name  # which image these strokes train on, with the others'
         strokes = self.viewer.add_labels(np.zeros(volume_data(layer).shape, dtype=np.uint8), **kwargs)
         strokes.mode = "paint"
         strokes.selected_label = 1
@@ -93,28 +115,58 @@ class FinetuneWidget(Container):
 
         current = self.session.segmenter
         if current is not None and current.num_classes >= classes and current.encoder is self.session.model3d:
-            return current  # the same model: its features of this image are cached
+            return current  # the same model: its features of these images are cached
         return Segmenter(self.session.model3d, list(names) if names else classes)
 
-    def train(self, _=None):
+    def _training_pairs(self) -> list:
+        """(image, strokes) layers to train on: with "every open image", the latest strokes
+        layer of each other image first; the picked pair last (its features stay for Predict)."""
+        import napari
+
+        image, strokes = self._inputs()
+        others = {}
+        if self.every_image.value:
+            images = {layer.name: layer for layer in self.viewer.layers if isinstance(layer, napari.layers.Image)}
+            for layer in self.viewer.layers:
+                source = images.get(layer.metadata.get(STROKES_OF)) if isinstance(layer, napari.layers.Labels) else None
+                if (source is not None and source is not image and not getattr(source, "rgb", False)
+                        and tuple(layer.data.shape) == tuple(volume_data(source).shape) and layer.data.any()):
+                    others[source.name] = (source, layer)
+        return [*others.values(), (image, strokes)]
+
+    def _annotations(self, pairs) -> list:
+        """Each strokes layer checked by the engine's label rule, before anything starts."""
         from napari_crossd.engine import Annotations
 
-        try:
-            layer, strokes = self._inputs()
+        annotations = []
+        for _, strokes in pairs:
             labels = np.array(strokes.data)  # a snapshot: painting may go on while training runs
-            annotations = Annotations.from_labels(labels)  # the engine's label rule, checked before starting
-            names = strokes.metadata.get("class_names")
-            names = names if names and len(names) == annotations.num_classes else None
-            segmenter = self._segmenter_for(annotations.num_classes, names)
+            try:
+                annotations.append(Annotations.from_labels(labels, min_classes=1 if len(pairs) > 1 else 2))
+            except ValueError as err:
+                raise ValueError(f"{strokes.name}: {err}" if len(pairs) > 1 else str(err)) from None
+        return annotations
+
+    def train(self, _=None):
+        try:
+            pairs = self._training_pairs()
+            if self.full.value and len(pairs) > 1:
+                raise ValueError(f"encoder fine-tuning works on one image; {len(pairs)} have strokes: untick "
+                                 "'train on every open image's strokes' or the encoder fine-tuning")
+            annotations = self._annotations(pairs)
+            names = pairs[-1][1].metadata.get("class_names")
+            num_classes = max(a.num_classes for a in annotations)
+            segmenter = self._segmenter_for(num_classes, names if names and len(names) == num_classes else None)
         except ValueError as err:
             self.runner.fail(str(err))
             return None
-        from napari_crossd.engine import finetune_job
+        from napari_crossd.engine import finetune_pairs_job
 
-        volume = volume_data(layer)
-        spacing = tuple(float(s) for s in layer.scale[-3:])
+        volumes = [volume_data(image) for image, _ in pairs]
+        spacings = [tuple(float(s) for s in image.scale[-3:]) for image, _ in pairs]
+        features = [self.session.features_for(segmenter, v, s) for v, s in zip(volumes, spacings, strict=True)]
+        names = [image.name for image, _ in pairs]
         steps, full, device = self.steps.value, self.full.value, self.session.device
-        features = self.session.features_for(segmenter, volume, spacing)
         self.losses = []
         self.loss_plot.clear()
 
@@ -128,12 +180,13 @@ class FinetuneWidget(Container):
             self.session.segmenter = segmenter
             self.events.segmenter_changed.emit(segmenter)
             tuned = f"; encoder fine-tuned {result['encoder']['steps']} steps" if result["encoder"] else ""
-            self.status.value = (f"trained on {result['voxels']:,} painted voxels, classes {result['classes']}, "
+            where = f" in {len(pairs)} images ({', '.join(names)})" if len(pairs) > 1 else ""
+            self.status.value = (f"trained on {result['voxels']:,} painted voxels{where}, classes {result['classes']}, "
                                  f"{result['channels']} features{tuned}")
 
         def make():
-            return finetune_job(segmenter, volume, labels, features=features, spacing=spacing, steps=steps,
-                                full=full, device=device)
+            return finetune_pairs_job(segmenter, list(zip(volumes, annotations, strict=True)), features=features,
+                                      names=names, spacing=spacings, steps=steps, full=full, device=device)
 
         def cancelled() -> None:
             # Training changes the segmenter only once it is complete: the last model stays.
@@ -166,11 +219,75 @@ class FinetuneWidget(Container):
         return self.runner.start(lambda: segment_job(segmenter, volume, features=features, spacing=spacing,
                                                      device=device, probabilities=False), done, "Predict")
 
+    def predict_all(self, _=None):
+        """Segment every open 3D image with the current model: one job, one progress bar."""
+        import napari
+
+        images = [layer for layer in self.viewer.layers if isinstance(layer, napari.layers.Image)
+                  and not getattr(layer, "rgb", False) and volume_data(layer).ndim == 3]
+        try:
+            if self.session.segmenter is None:
+                raise ValueError("nothing trained yet: Train on strokes or Load a saved model first")
+            if not images:
+                raise ValueError("no 3D image is open")
+        except ValueError as err:
+            self.runner.fail(str(err))
+            return None
+        from napari_crossd.engine import named_job, segment_job
+
+        segmenter, device = self.session.segmenter, self.session.device
+        inputs = [(layer.name, volume_data(layer), tuple(float(s) for s in layer.scale[-3:])) for layer in images]
+        features = [self.session.features_for(segmenter, volume, spacing) for _, volume, spacing in inputs]
+
+        def job():
+            results = []
+            for index, ((name, volume, spacing), cached) in enumerate(zip(inputs, features, strict=True)):
+                labels, _ = yield from named_job(
+                    segment_job(segmenter, volume, features=cached, spacing=spacing, device=device,
+                                probabilities=False), f"{name} ({index + 1}/{len(inputs)})")
+                cached.block = None  # one image's features in memory at a time
+                results.append(labels)
+            return results
+
+        def done(results) -> None:
+            for layer, labels in zip(images, results, strict=True):
+                kwargs = derived_kwargs(layer, f"{layer.name} segmentation")
+                kwargs["metadata"]["class_names"] = list(segmenter.class_names)
+                self.viewer.add_labels(np.asarray(labels), **kwargs)
+            self.status.value = f"segmented {len(images)} images: {', '.join(layer.name for layer in images)}"
+
+        return self.runner.start(job, done, "Segment all")
+
+    def segment_folder(self, _=None):
+        """Label every volume file of the images folder into the output folder, each in its
+        own format and on its own grid (what ``crossd segment --out-dir`` does)."""
+        from napari_crossd.engine.batch import output_paths, segment_files_job, volume_files
+
+        try:
+            if self.session.segmenter is None:
+                raise ValueError("nothing trained yet: Train on strokes or Load a saved model first")
+            inputs = volume_files(_chosen(self.images_folder, "an images folder"))
+            out_dir = _chosen(self.output_folder, "an output folder")
+            outputs = output_paths(inputs, out_dir)
+        except ValueError as err:
+            self.runner.fail(str(err))
+            return None
+        segmenter, device = self.session.segmenter, self.session.device
+
+        def job():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            return (yield from segment_files_job(segmenter, inputs, outputs, device=device))
+
+        def done(results) -> None:
+            failed = [f"{r.source.name} ({r.error})" for r in results if not r.ok]
+            self.status.value = (f"segmented {len(results) - len(failed)}/{len(results)} files into {out_dir}"
+                                 + (f"; failed: {'; '.join(failed)}" if failed else ""))
+            self.batch_results = results
+
+        return self.runner.start(job, done, "Segment folder")
+
     def _folder(self) -> str:
-        value = str(self.folder.value) if self.folder.value else ""
-        if value in ("", "."):
-            raise ValueError("choose a model folder first")
-        return value
+        return str(_chosen(self.folder, "a model folder"))
 
     def save(self, _=None):
         try:
@@ -211,3 +328,11 @@ class FinetuneWidget(Container):
             self.status.value = f"loaded a {segmenter.num_classes}-class segmenter from {folder}"
 
         return self.runner.start(job, done, "Load model")
+
+
+def _chosen(edit: FileEdit, what: str) -> Path:
+    """The folder a FileEdit holds, or a ValueError asking for ``what``."""
+    value = str(edit.value) if edit.value else ""
+    if value in ("", "."):
+        raise ValueError(f"choose {what} first")
+    return Path(value)

@@ -15,7 +15,7 @@ from .annotations import Annotations
 from .classifier import ForestClassifier
 from .devices import resolve_device
 from .features import extract_features, features_job, pca_rgb, prepare_model
-from .jobs import Progress, run_job
+from .jobs import Progress, named_job, run_job
 from .normalize import PRESETS, intensity_stats
 from .segmenter import (
     Segmenter,
@@ -48,6 +48,7 @@ __all__ = [
     "finetune_pairs_job",
     "intensity_stats",
     "load_segmenter",
+    "named_job",
     "pca_rgb",
     "prepare_model",
     "resolve_device",
