@@ -100,6 +100,9 @@ def _run(job):
         progress.close()
 
 
+_WORKER_WAIT_S = 120
+
+
 @contextmanager
 def _cluster(address: str | None):
     """A ``distributed.Client`` of the scheduler at ``address`` (None: no cluster, work here)."""
@@ -113,6 +116,10 @@ def _cluster(address: str | None):
     except (OSError, TimeoutError) as err:
         raise ValueError(f"--scheduler {address}: no Dask scheduler answers there ({err}).") from None
     try:
+        try:
+            client.wait_for_workers(1, timeout=_WORKER_WAIT_S)  # an adaptive cluster may start them on demand
+        except TimeoutError:
+            raise ValueError(f"--scheduler {address}: no worker joined within {_WORKER_WAIT_S} s.") from None
         print(f"cluster {address}: {len(client.nthreads())} workers, {sum(client.nthreads().values())} threads",
               flush=True)
         yield client

@@ -17,9 +17,10 @@ nothing from disk: blocks come from the client, which reads the volume block by 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import count, product
+from itertools import product
 
 import numpy as np
 import torch
@@ -39,7 +40,6 @@ __all__ = ["DEFAULT_BLOCK", "IN_FLIGHT_PER_THREAD", "features_on_cluster_job", "
 DEFAULT_BLOCK = 128
 # Blocks queued per worker thread: one running, one arriving.
 IN_FLIGHT_PER_THREAD = 2
-_job_ids = count()
 
 
 def segment_on_cluster_job(
@@ -156,20 +156,21 @@ def _blocks_job(client, shared, volume, halo: int, block: int, task: Callable, o
     threads = sum(client.nthreads().values())
     if not threads:
         raise ValueError(f"The cluster at {client.scheduler.address} has no workers.")
-    job_id = next(_job_ids)
+    job_id = uuid.uuid4().hex  # keys unique on a scheduler that other clients share
     shared_future = client.scatter(_Pickled(shared), broadcast=True, hash=False)
     running, boxes_left = {}, iter(enumerate(boxes))
     done = as_completed(loop=client.loop)
 
     def submit() -> None:
-        for index, box in boxes_left:
-            grown = tuple(slice(max(0, s.start - halo), min(n, s.stop + halo)) for s, n in zip(box, shape, strict=True))
-            core = tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown, strict=True))
-            region = client.scatter(np.asarray(volume[grown]), hash=False)
-            future = client.submit(task, shared_future, region, core, **options, key=f"crossd-{what}-{job_id}-{index}")
-            running[future.key] = box
-            done.add(future)
+        index, box = next(boxes_left, (None, None))
+        if box is None:
             return
+        grown = tuple(slice(max(0, s.start - halo), min(n, s.stop + halo)) for s, n in zip(box, shape, strict=True))
+        core = tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown, strict=True))
+        region = client.scatter(np.asarray(volume[grown]), hash=False)
+        future = client.submit(task, shared_future, region, core, **options, key=f"crossd-{what}-{job_id}-{index}")
+        running[future.key] = box
+        done.add(future)
 
     try:
         for _ in range(min(len(boxes), IN_FLIGHT_PER_THREAD * threads)):
@@ -202,8 +203,10 @@ class _Pickled:
 
 
 def _worker_device(device: str) -> torch.device:
+    """The device of a task; torch keeps to the worker's own threads (several worker
+    processes on one machine must not each take every core)."""
     from distributed import get_worker  # runs on a worker, where distributed is loaded already
-    # Each worker process keeps to its own threads: several on one machine must not each take every core.
+
     torch.set_num_threads(max(1, get_worker().state.nthreads))
     return resolve_device(device)
 
