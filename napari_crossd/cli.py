@@ -101,7 +101,7 @@ def _run(job):
 
 def _features(args: argparse.Namespace) -> None:
     from .engine import features_job, pca_rgb, resolve_device
-    from .io import read_volume, write_volume
+    from .io import read_volume, strided_grid, write_volume
     from .io.volumes import volume_suffix
 
     for out in (args.out, args.pca):
@@ -114,26 +114,11 @@ def _features(args: argparse.Namespace) -> None:
     features = _run(features_job(model, volume.data, spacing=volume.spacing, levels=args.levels, stride=args.stride,
                                  preset=args.preset, tile=args.tile, overlap=args.overlap, batch=args.batch,
                                  device=args.device))
-    like = volume if args.stride == 1 else _strided_grid(volume, args.stride)
+    like = volume if args.stride == 1 else strided_grid(volume, args.stride)
     written = [write_volume(args.out, features, like)]
     if args.pca:
         written.append(write_volume(args.pca, pca_rgb(features).transpose(3, 0, 1, 2), like))
     print(f"wrote {', '.join(map(str, written))}: {features.shape[0]} channels")
-
-
-def _strided_grid(volume, stride: int):
-    """The grid of one voxel per ``stride``-cube of ``volume``, sampled at the cube's centre."""
-    import nibabel as nib
-    import numpy as np
-
-    from .io import Volume
-
-    spacing = tuple(s * stride for s in volume.spacing) if volume.spacing else None
-    if volume.nifti is None:
-        return Volume(volume.data, spacing, volume.path)
-    scaled = volume.nifti.affine @ np.diag([stride, stride, stride, 1.0])
-    scaled[:3, 3] = volume.nifti.affine[:3, :3] @ np.full(3, (stride - 1) / 2) + volume.nifti.affine[:3, 3]
-    return Volume(volume.data, spacing, volume.path, nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), scaled))
 
 
 def _read_labels(path: Path, shape: tuple) -> object:

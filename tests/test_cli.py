@@ -66,7 +66,7 @@ def test_features_finetune_segment_on_nifti_keep_the_grid(mni_crop_files, tmp_pa
     import nibabel as nib
     import numpy as np
 
-    from napari_crossd.datasets import dice_scores, paint_strokes
+    from napari_crossd.evaluation import dice_scores, paint_strokes
 
     t1 = nib.load(mni_crop_files["t1"])
     truth = mni_crop_files["truth"]  # (Z, Y, X) = the NIfTI's (k, j, i)

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from napari_crossd import build_model
-from napari_crossd.datasets import dice_scores, paint_strokes
 from napari_crossd.engine import (
     Annotations,
     FeatureSpec,
@@ -34,6 +33,7 @@ from napari_crossd.engine import (
 )
 from napari_crossd.engine.normalize import network_input, unit_intensity
 from napari_crossd.engine.pyramid import Pyramid, encode_job, spacing_scale
+from napari_crossd.evaluation import dice_scores, paint_strokes
 
 
 @pytest.fixture(scope="module")

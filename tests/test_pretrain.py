@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from napari_crossd.io import load_model
+from napari_crossd.io.samples import FASHION_MNIST_ROOT
 from napari_crossd.models import build_model
 from napari_crossd.training import (
     FashionMNIST,
@@ -33,7 +34,6 @@ from napari_crossd.training import (
     pretrain,
     read_idx,
 )
-from napari_crossd.training.data import FASHION_MNIST_ROOT
 
 TEXTURES = ("brick", "grass", "gravel")
 

@@ -22,7 +22,7 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.env
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)
 
-from napari_crossd.datasets import dice_scores, paint_strokes  # noqa: E402
+from napari_crossd.evaluation import dice_scores, paint_strokes  # noqa: E402
 
 PLUGIN = "napari-crossd"
 WAIT_MS = 240_000

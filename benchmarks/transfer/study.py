@@ -47,8 +47,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from probe import linear_probe
 
-from napari_crossd.datasets import dice_scores
 from napari_crossd.engine import extract_features
+from napari_crossd.evaluation import dice_scores
 from napari_crossd.io import load_model
 from napari_crossd.models import build_model
 from napari_crossd.models.inflate import inflate
