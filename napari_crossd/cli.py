@@ -26,7 +26,7 @@ def _inflate(args: argparse.Namespace) -> None:
     print(f"loading {args.src} ...", flush=True)
     model = load_model(args.src, arch=args.arch)
     meta = model.crossd_meta
-    print(f"  {meta['arch']} ({meta['format']} weights, {meta['num_classes']} classes)", flush=True)
+    print(f"  {meta.arch} ({meta.format} weights, {meta.num_classes} classes)", flush=True)
     print(f"inflating to 3D with strategy {args.strategy!r} ...", flush=True)
     model3d = inflate(model, strategy=args.strategy, official_shift=args.official_shift,
                       depth_preserving_stages=args.depth_preserving_stages)
@@ -109,8 +109,8 @@ def _features(args: argparse.Namespace) -> None:
             volume_suffix(out)
     volume = read_volume(args.image, spacing=args.spacing)
     model = _encoder(args)
-    print(f"{args.image.name}: {volume.data.shape} voxels; {model.crossd_meta['arch']} "
-          f"({model.crossd_meta.get('strategy', 'crossd')}) on {resolve_device(args.device)}", flush=True)
+    print(f"{args.image.name}: {volume.data.shape} voxels; {model.crossd_meta.arch} "
+          f"({model.crossd_meta.strategy or 'crossd'}) on {resolve_device(args.device)}", flush=True)
     features = _run(features_job(model, volume.data, spacing=volume.spacing, levels=args.levels, stride=args.stride,
                                  preset=args.preset, tile=args.tile, overlap=args.overlap, batch=args.batch,
                                  device=args.device))

@@ -95,7 +95,7 @@ def test_forward_features_finest_first_as_feature_info_says(arch):
 
 def test_build_model_metadata():
     assert list_models() == list(ARCHITECTURES)
-    assert build_model("resnet18").crossd_meta == {
+    assert build_model("resnet18").crossd_meta.to_dict() == {
         "arch": "resnet18",
         "format": "torchvision",
         "num_classes": 1000,
@@ -106,7 +106,7 @@ def test_build_model_metadata():
         },
     }
     meta = build_model("crossd_resnet18", num_classes=3).crossd_meta
-    assert (meta["format"], meta["rotation"], meta["rotation_mode"]) == ("crossd", "dynamic", "fourier")
+    assert (meta.format, meta.rotation, meta.rotation_mode) == ("crossd", "dynamic", "fourier")
 
 
 def test_build_model_rejects_unknown_names_and_misplaced_options():

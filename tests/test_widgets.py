@@ -113,7 +113,7 @@ def test_workflow_features_finetune_predict_save_reload(
     assert session.info["arch"] == "mobilenet_v2" and session.info["strategy"] == "i3d"
     assert session.info["parameters"] == 3_635_048  # 3,504,872 in 2D; 3x3 kernels gain a depth of 3
     assert "314 tensors loaded: 0 missing, 0 unexpected;" in model_widget.status.value
-    assert session.model3d.crossd_meta["spatial_dims"] == 3
+    assert session.model3d.crossd_meta.spatial_dims == 3
 
     # Features: an RGB PCA layer and the full stack, on the image's grid.
     run = dock(viewer, "Run (features, segmentation)")

@@ -178,8 +178,8 @@ def bn_probe_accuracy(model: nn.Module, t1: np.ndarray, labels: np.ndarray, seed
     train_x, train_y = _patches(t1, labels, True, per_class, size, seed)
     test_x, test_y = _patches(t1, labels, False, per_class, size, seed + 1000)
     lo, hi = np.percentile(t1, (1.0, 99.8))
-    norm = model.crossd_meta["normalization"]
-    mean, std = float(np.mean(norm["mean"])), float(np.mean(norm["std"]))
+    norm = model.crossd_meta.normalization
+    mean, std = float(np.mean(norm.mean)), float(np.mean(norm.std))
 
     def prepare(x):
         x = torch.from_numpy(np.clip((x - lo) / (hi - lo), 0, 1)).float()

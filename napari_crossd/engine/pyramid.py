@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.inspect import input_channels
+from ..models.meta import model_meta
 from .devices import autocast, is_out_of_memory, release_memory
 from .filters import FILTER_SETS, filter_bank, filter_box, filter_halo, filter_names
 from .jobs import Job, Progress
@@ -43,7 +45,6 @@ __all__ = [
     "default_tile",
     "encode_job",
     "forward_levels",
-    "input_channels",
     "network_on",
     "spacing_scale",
 ]
@@ -111,14 +112,6 @@ def network_on(model: nn.Module, device: torch.device) -> nn.Module:
 def default_levels(model: nn.Module, max_stride: int = 8) -> list[int]:
     """Levels with stride up to ``max_stride``: fine enough for voxel-wise work, and cheap."""
     return [i for i, info in enumerate(model.feature_info) if info["reduction"] <= max_stride]
-
-
-def input_channels(model: nn.Module) -> int:
-    """Input channels of the network's first convolution."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return module.in_channels
-    raise ValueError("The model has no convolution: cannot tell how many input channels it takes.")
 
 
 def default_tile(device: torch.device, stride: int) -> int:
@@ -401,7 +394,7 @@ def encode_job(
     padded = tuple(math.ceil(n / grid) * grid for n in encoded_shape)
     intensity = F.pad(unit, _far_padding(encoded_shape, padded))
     channels = input_channels(model)
-    normalization = getattr(model, "crossd_meta", {}).get("normalization")
+    normalization = model_meta(model).normalization
 
     if not levels:  # the grey values alone: nothing to run
         return Pyramid([], [], intensity, source_shape, scale, stats=stats)

@@ -135,7 +135,7 @@ class Segmenter:
             "preset": self.preset,
             "classifier": self.classifier.config(),
             "trained_voxels": self.trained_voxels,
-            "encoder": dict(self.encoder.crossd_meta),
+            "encoder": self.encoder.crossd_meta.to_dict(),
         }
 
 

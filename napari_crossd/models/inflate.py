@@ -57,12 +57,14 @@ import copy
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from napari_crossd.core import CrossDConv, rotation_operator, static_kernels
+
+from .meta import ModelMeta, model_meta
 
 __all__ = ["OFFICIAL_SHIFTS", "STRATEGIES", "inflate"]
 
@@ -125,8 +127,8 @@ def inflate(
             (its output size is what the head expects).
 
     Returns:
-        The 3D network, in the train/eval mode of ``model``. Its ``crossd_meta`` dict
-        (copied from ``model``, created if absent) records ``strategy``,
+        The 3D network, in the train/eval mode of ``model``. Its ``crossd_meta`` (a copy of
+        ``model``'s, or one with ``arch=None`` if it has none) records ``strategy``,
         ``official_shift``, ``depth_preserving_stages`` and ``spatial_dims=3``.
 
     Raises:
@@ -146,20 +148,15 @@ def inflate(
         raise ValueError(f"depth_preserving_stages must be an int >= 0; got {depth_preserving_stages!r}")
     if depth_preserving_stages < 0:
         raise ValueError(f"depth_preserving_stages must be >= 0; got {depth_preserving_stages}")
-    meta = getattr(model, "crossd_meta", {})
-    if not isinstance(meta, dict):
-        raise ValueError(f"model.crossd_meta must be a dict; got {type(meta).__name__}")
+    meta = model_meta(model)
+    if not isinstance(meta, ModelMeta):
+        raise ValueError(f"model.crossd_meta must be a ModelMeta; got {type(meta).__name__}")
 
     copied = copy.deepcopy(model)
     flat = _depth_preserving_layers(copied, depth_preserving_stages)
     inflated = _Inflater(strategy, official_shift, flat).convert(copied, "")
-    inflated.crossd_meta = {
-        **copy.deepcopy(meta),
-        "strategy": strategy,
-        "official_shift": official_shift,
-        "depth_preserving_stages": depth_preserving_stages,
-        "spatial_dims": 3,
-    }
+    inflated.crossd_meta = replace(meta, strategy=strategy, official_shift=official_shift,
+                                   depth_preserving_stages=depth_preserving_stages, spatial_dims=3)
     return inflated
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,5 +39,5 @@ def export_weights(src: str | Path, dest: str | Path, dtype: str = "float16") ->
     model = load_model(src)
     # Only the floating-point tensors: BatchNorm's num_batches_tracked stays an integer.
     model.to(_DTYPES[dtype])
-    model.crossd_meta = {**model.crossd_meta, "stored_dtype": dtype}
+    model.crossd_meta = replace(model.crossd_meta, stored_dtype=dtype)
     return save_model(model, dest)
