@@ -46,7 +46,7 @@ __all__ = [
     "rotate_bank",
 ]
 
-_CONVS = (nn.Conv2d, nn.Conv3d, CrossDConv)
+_CONVS = (nn.Conv2d, nn.Conv3d)  # CrossDConv is an nn.Conv2d
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -54,16 +54,8 @@ def conv_layers(model: nn.Module) -> dict[str, nn.Module]:
 
     CrossDConv layers' internal rotation heads are 1x1 convolutions and so left out.
     """
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, _CONVS):
-            continue
-        if isinstance(module, CrossDConv):
-            layers[name] = module
-            continue
-        if max(module.weight.shape[2:]) > 1:
-            layers[name] = module
-    return layers
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, _CONVS) and max(module.kernel_size) > 1}
 
 
 def input_channels(model: nn.Module) -> int:
