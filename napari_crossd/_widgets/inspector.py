@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSlider, Label, PushButton, Slider, SpinBox
 
@@ -68,6 +69,7 @@ def kernel_view_job(module, name: str, axis: str, angle: float, shown: KernelVie
         :class:`~napari_crossd.models.inspect.KernelGrid`, the rotated one in the unit of
         ``view.grid`` and clipped to its display range.
     """
+    # torch on first use: npe2 imports the widget modules before any model is loaded
     from napari_crossd.engine import Progress
     from napari_crossd.models.inspect import kernel_grid, layer_kernels, learned_rotation, phase_shift, rotate_bank
 
@@ -97,8 +99,6 @@ class InspectorWidget(Container):
     """Look inside the current network, layer by layer."""
 
     def __init__(self, napari_viewer) -> None:
-        import napari
-
         self.viewer = napari_viewer
         self.session, self.events = session_for(napari_viewer)
         self.image = LayerPicker(napari_viewer, napari.layers.Image, "volume")
@@ -141,6 +141,7 @@ class InspectorWidget(Container):
     # -- which model and layer ------------------------------------------------------------
     def source_model(self):
         """The 2D model when it holds Cross-D layers (learned rotations live there), else the 3D one."""
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.core import CrossDConv
 
         model2d = self.session.model2d
@@ -149,6 +150,7 @@ class InspectorWidget(Container):
         return self.session.model3d
 
     def _layer_choices(self, _widget=None):
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.models.inspect import conv_layers
 
         model = self.source_model() if self.session.model3d is not None else None
@@ -264,6 +266,7 @@ class InspectorWidget(Container):
 
     # -- dynamic rotation over the volume -------------------------------------------------
     def _net_input(self, layer):
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine.normalize import network_volume
 
         return network_volume(volume_data(layer), self.session.model3d)
@@ -281,6 +284,7 @@ class InspectorWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import Progress
         from napari_crossd.models.inspect import dynamic_rotations
 
@@ -316,6 +320,7 @@ class InspectorWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import Progress
         from napari_crossd.models.inspect import feature_maps
 

@@ -14,6 +14,7 @@ __all__ = ["ModelWidget", "load_job"]
 
 def load_job(checkpoint: str, arch: str, strategy: str, official_shift: str = "keep"):
     """Generator: load a checkpoint, inflate it, describe it. Returns (model2d, model3d, info)."""
+    # torch on first use: npe2 imports the widget modules before any model is loaded
     from napari_crossd.engine import Progress, prepare_model
     from napari_crossd.io import load_model_with_report
 
@@ -52,6 +53,7 @@ class ModelWidget(Container):
     """Choose 2D weights (file or the bundled default), architecture, inflation strategy and device."""
 
     def __init__(self, napari_viewer) -> None:
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine.devices import DEVICES
         from napari_crossd.models import ARCHITECTURES
         from napari_crossd.models.inflate import STRATEGIES
@@ -72,6 +74,7 @@ class ModelWidget(Container):
         self.device.changed.connect(self._set_device)
 
     def _set_device(self, value: str) -> None:
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import resolve_device
 
         try:

@@ -398,40 +398,46 @@ def encode_job(
 
     if not levels:  # the grey values alone: nothing to run
         return Pyramid([], [], intensity, source_shape, scale, stats=stats)
+    levels_out = yield from _tiles_that_fit(
+        model, intensity, encoded_shape, stats, normalization, channels, levels, strides, tile, overlap, batch, device
+    )
+    return Pyramid(levels_out, strides, intensity, source_shape, scale, stats=stats)
+
+
+def _smaller_run(tile: int, batch: int, device: torch.device, deepest: int) -> tuple | None:
+    """After running out of memory: half the batch, else a quarter off the tile (down to
+    :data:`_MIN_TILE_STRIDES` deepest strides), else the CPU; None when none is left."""
+    if batch > 1:
+        return tile, batch // 2, device
+    if tile > _MIN_TILE_STRIDES * deepest:
+        return max(_MIN_TILE_STRIDES * deepest, (tile * 3 // 4) // deepest * deepest), batch, device
+    if device.type != "cpu":
+        return tile, batch, torch.device("cpu")
+    return None
+
+
+def _tiles_that_fit(
+    model, intensity, encoded_shape, stats, normalization, channels, levels, strides, tile, overlap, batch, device
+):
+    """:func:`_tiles` with ``model`` on ``device``, started over smaller each time it runs out of memory."""
     runner = network_on(model, device)
     try:
         while True:
             try:
-                levels_out = yield from _tiles(
-                    runner,
-                    intensity,
-                    encoded_shape,
-                    stats,
-                    normalization,
-                    channels,
-                    levels,
-                    strides,
-                    tile,
-                    overlap,
-                    batch,
-                    device,
-                )
-                break
+                return (yield from _tiles(runner, intensity, encoded_shape, stats, normalization, channels, levels,
+                                          strides, tile, overlap, batch, device))
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
                 release_memory(device)
                 old = f"tile {tile}, batch {batch} on {device}"
-                if batch > 1:
-                    batch //= 2
-                elif tile > _MIN_TILE_STRIDES * deepest:
-                    tile = max(_MIN_TILE_STRIDES * deepest, (tile * 3 // 4) // deepest * deepest)
-                elif device.type != "cpu":
-                    device = torch.device("cpu")
-                    runner = network_on(model, device)
-                    release_memory(device)
-                else:
+                smaller = _smaller_run(tile, batch, device, max(strides))
+                if smaller is None:
                     raise
+                if smaller[2] != device:
+                    runner = network_on(model, smaller[2])
+                    release_memory(smaller[2])
+                tile, batch, device = smaller
                 yield Progress(
                     0, None, f"out of memory with {old}: retrying with tile {tile}, batch {batch} on {device}",
                     phase="encode",
@@ -439,7 +445,6 @@ def encode_job(
     finally:
         del runner
         release_memory(device)
-    return Pyramid(levels_out, strides, intensity, source_shape, scale, stats=stats)
 
 
 def _tiles(

@@ -23,8 +23,11 @@ import dask.array as da
 import numpy as np
 import safetensors.numpy
 import torch
+from sklearn.metrics import f1_score
+from sklearn.model_selection import GroupKFold
 from torch import nn
 
+from ..io import load_model, save_model
 from ..io.atomic import atomic_directory
 from .annotations import Annotations
 from .classifier import ForestClassifier
@@ -258,8 +261,6 @@ def choose_levels(
         ``(spec, {"levels": chosen count, "scores": [F1 per candidate]})``; ``spec`` itself
         and None when the strokes lie on fewer than two planes (nothing to hold out).
     """
-    from sklearn.metrics import f1_score
-    from sklearn.model_selection import GroupKFold
 
     groups = annotations.groups()
     if len(np.unique(groups)) < 2:
@@ -391,8 +392,6 @@ def save_segmenter(segmenter: Segmenter, directory: str | Path) -> list[Path]:
     Returns:
         The paths written.
     """
-    from ..io import save_model
-
     if not segmenter.trained:
         raise ValueError("Nothing to save: the segmenter is untrained.")
     directory = Path(directory)
@@ -427,8 +426,6 @@ def _read_config(directory: Path) -> dict:
 
 def load_segmenter(directory: str | Path) -> Segmenter:
     """Rebuild a :class:`Segmenter` that :func:`save_segmenter` wrote."""
-    from ..io import load_model
-
     directory = Path(directory)
     config = _read_config(directory)
     encoder = load_model(directory / ENCODER_FILE)

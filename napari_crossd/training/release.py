@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from napari_crossd.io import load_model, save_model
+
 __all__ = ["export_weights"]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -32,8 +34,6 @@ def export_weights(src: str | Path, dest: str | Path, dtype: str = "float16") ->
     Raises:
         ValueError: unknown ``dtype``.
     """
-    from napari_crossd.io import load_model, save_model
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
     model = load_model(src)
