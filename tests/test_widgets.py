@@ -378,7 +378,7 @@ def test_inspector_computes_off_the_gui_thread_and_the_latest_angle_wins(qtbot, 
     import threading
     import time
 
-    from napari_crossd.engine import inspect
+    from napari_crossd.models import inspect
 
     viewer, _ = viewer_with_crop
     load_model_in_widget(qtbot, viewer)
