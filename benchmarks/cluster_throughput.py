@@ -35,8 +35,8 @@ def _region(shape):
 
 
 def _trained(volume, truth):
-    from napari_crossd.datasets import paint_strokes
     from napari_crossd.engine import Segmenter, finetune, prepare_model
+    from napari_crossd.evaluation import paint_strokes
 
     segmenter = Segmenter(prepare_model("default"), ["background", "other", "grey", "white"])
     finetune(segmenter, volume, paint_strokes(truth, slices=4, seed=0), device="cpu")

@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(model_dir: Path) -> None:
-    from napari_crossd.datasets import load_mni152, paint_strokes
+    from napari_crossd.datasets import load_mni152
     from napari_crossd.engine import Segmenter, finetune, prepare_model, save_segmenter
+    from napari_crossd.evaluation import paint_strokes
 
     sample = load_mni152()
     truth = np.where(sample.labels > 1, 2, 1).astype(np.uint8)

@@ -37,8 +37,9 @@ def main() -> None:
     from napari.qt import get_qapp
 
     from napari_crossd._widgets._stall import StallMeter
-    from napari_crossd.datasets import MNI_CLASSES, paint_strokes
+    from napari_crossd.datasets import MNI_CLASSES
     from napari_crossd.demo import open_viewer
+    from napari_crossd.evaluation import paint_strokes
 
     app = get_qapp()
     meter = StallMeter(10)

@@ -2,11 +2,12 @@
 
 The volume is reoriented to the closest canonical (RAS+) orientation and its axes
 reversed to napari's (Z, Y, X) = (S, A, R) order
-(:func:`napari_crossd.io.volumes.canonical_zyx`), so that the last two axes show axial
+(:func:`napari_crossd.io.grids.canonical_layer`), so that the last two axes show axial
 slices. Voxel spacing (the canonical zooms) becomes the layer's ``scale`` and
 the voxel origin its ``translate`` (world coordinates in mm); the file's own affine and
 shape are kept in ``metadata["nifti"]`` so that :mod:`napari_crossd._writer` writes
-results back on the source grid, voxel for voxel.
+results back on the source grid, voxel for voxel. Importing this module does not import
+torch (napari imports it to open a file).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import os
 import re
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+
+from .io.grids import canonical_layer
 
 __all__ = ["napari_get_reader", "nifti_layer_data", "read_nifti"]
 
@@ -56,37 +60,20 @@ def nifti_layer_data(path: str | os.PathLike, layer_type: str | None = None) -> 
         ``data`` (Z, Y, X) (a 4D file keeps its 4th axis first: (T, Z, Y, X)), kwargs with
         ``name``, ``scale``, ``translate`` and ``metadata["nifti"]`` (see the module docstring).
     """
-    import nibabel as nib
-
-    from .io.volumes import canonical_zyx
-
     path = Path(path)
     image = nib.load(str(path))
     if len(image.shape) not in (3, 4):
         raise ValueError(f"{path.name}: expected a 3D or 4D NIfTI volume; got shape {image.shape}")
-    data, spacing, affine = canonical_zyx(image)
-    scale = np.asarray(spacing)
-    translate = affine[:3, 3][::-1]
+    data, grid = canonical_layer(image, path)
+    scale, translate = grid["scale"], grid["translate"]
     if layer_type is None:
         integer = np.issubdtype(data.dtype, np.integer)
         layer_type = "labels" if integer and _LABEL_HINT.search(path.name) else "image"
     if layer_type == "labels" and not np.issubdtype(data.dtype, np.integer):
         data = np.rint(data).astype(np.int32)
-    if data.ndim == 4:
-        scale = np.concatenate([[1.0], scale])
-        translate = np.concatenate([[0.0], translate])
-    metadata = {
-        "nifti": {
-            "path": str(path),
-            "affine": np.asarray(image.affine, dtype=float),
-            "canonical_affine": np.asarray(affine, dtype=float),
-            "shape": tuple(int(n) for n in image.shape[:3]),
-            "axcodes": "".join(nib.aff2axcodes(image.affine)),
-            "dtype": str(image.get_data_dtype()),
-        }
-    }
-    kwargs = {"name": _layer_name(path), "scale": tuple(scale), "translate": tuple(translate), "metadata": metadata}
-    return data, kwargs, layer_type
+    if data.ndim == 4:  # the fourth axis is not spatial: one step per index
+        scale, translate = (1.0, *scale), (0.0, *translate)
+    return data, {**grid, "name": _layer_name(path), "scale": scale, "translate": translate}, layer_type
 
 
 def read_nifti(path) -> list[tuple]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from .io.atomic import atomic_path
+from .io.grids import to_source_grid
 
-__all__ = ["to_source_grid", "write_image", "write_labels", "write_nifti"]
+__all__ = ["write_image", "write_labels", "write_nifti"]
 
 
 def _output_path(path: str) -> Path:
@@ -26,51 +28,8 @@ def _output_path(path: str) -> Path:
     return path
 
 
-def to_source_grid(data: np.ndarray, meta: dict):
-    """``data`` (Z, Y, X) or (T, Z, Y, X) in napari's order as a nibabel image on its source grid."""
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
-
-    data = np.asarray(data)
-    if data.ndim not in (3, 4):
-        raise ValueError(f"NIfTI output needs a 3D (Z, Y, X) or 4D (T, Z, Y, X) layer; got shape {data.shape}")
-    voxels = np.swapaxes(data, -1, -3)  # (.., X, Y, Z): canonical RAS voxel order
-    if voxels.ndim == 4:
-        voxels = np.moveaxis(voxels, 0, 3)
-    nifti = (meta or {}).get("metadata", {}).get("nifti")
-    if nifti is not None:
-        affine = np.asarray(nifti["affine"], dtype=float)
-        shape = tuple(nifti["shape"])
-        # The reader applied ornt_transform(source -> RAS); apply its inverse.
-        back = ornt_transform(io_orientation(np.asarray(nifti["canonical_affine"])), io_orientation(affine))
-        voxels = apply_orientation(voxels, back)
-        if tuple(voxels.shape[:3]) != shape:
-            raise ValueError(
-                f"the layer's data {data.shape} does not match its source grid {shape[::-1]} (Z, Y, X): "
-                "it was resized or cropped after reading"
-            )
-    else:
-        scale = np.asarray(meta.get("scale", (1.0,) * data.ndim), dtype=float)[-3:]
-        translate = np.asarray(meta.get("translate", (0.0,) * data.ndim), dtype=float)[-3:]
-        affine = np.diag([*scale[::-1], 1.0])
-        affine[:3, 3] = translate[::-1]
-    if voxels.dtype == np.bool_:
-        voxels = voxels.astype(np.uint8)
-    if voxels.dtype == np.float16:
-        voxels = voxels.astype(np.float32)
-    if voxels.dtype == np.int64 or voxels.dtype == np.uint64:
-        peak = int(voxels.max(initial=0))
-        voxels = voxels.astype(np.uint8 if 0 <= int(voxels.min(initial=0)) and peak < 256 else np.int32)
-    image = nib.Nifti1Image(np.ascontiguousarray(voxels), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    return image
-
-
 def write_nifti(path: str, data, meta: dict) -> list[str]:
     """Write one layer to ``path`` (``.nii.gz`` appended when the suffix is not NIfTI); the paths written."""
-    import nibabel as nib
-
     out = _output_path(path)
     image = to_source_grid(data, meta)
     # Saving over an earlier segmentation must not destroy it if the write fails half way.

@@ -16,18 +16,39 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from . import __version__
+from .demo import REGIONS
+from .demo import main as run_demo
+from .engine import (
+    Annotations,
+    Segmenter,
+    finetune_pairs_job,
+    load_segmenter,
+    prepare_model,
+    resolve_device,
+    run_job,
+    save_segmenter,
+)
+from .engine.batch import features_files_job, output_paths, read_pairs, segment_files_job
+from .engine.cluster import DEFAULT_BLOCK
+from .engine.devices import DEVICES
+from .engine.normalize import PRESETS
+from .io import load_model, read_volume, save_model
+from .io.checkpoints import NAMED_WEIGHTS
+from .models import ARCHITECTURES, list_models
+from .models.inflate import OFFICIAL_SHIFTS, STRATEGIES, inflate
+from .training import add_pretrain_arguments, run_pretrain
 
 
 def _inflate(args: argparse.Namespace) -> None:
-    from .io import load_model, save_model
-    from .models.inflate import inflate
-
     start = time.perf_counter()
     print(f"loading {args.src} ...", flush=True)
     model = load_model(args.src, arch=args.arch)
     meta = model.crossd_meta
-    print(f"  {meta['arch']} ({meta['format']} weights, {meta['num_classes']} classes)", flush=True)
+    print(f"  {meta.arch} ({meta.format} weights, {meta.num_classes} classes)", flush=True)
     print(f"inflating to 3D with strategy {args.strategy!r} ...", flush=True)
     model3d = inflate(model, strategy=args.strategy, official_shift=args.official_shift,
                       depth_preserving_stages=args.depth_preserving_stages)
@@ -38,10 +59,6 @@ def _inflate(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    import torch
-
-    from .models import list_models
-    from .models.inflate import STRATEGIES
 
     print(f"napari-crossd {__version__}, torch {torch.__version__}")
     print(f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
@@ -83,16 +100,12 @@ class _TerminalProgress:
 
 def _encoder(args: argparse.Namespace):
     """The 3D network named by --model: a checkpoint, a fine-tuned model directory, or 'default'."""
-    from .engine import load_segmenter, prepare_model
-
     if Path(args.model).is_dir():
         return load_segmenter(args.model).encoder
     return prepare_model(args.model, strategy=args.strategy)
 
 
 def _run(job):
-    from .engine import run_job
-
     progress = _TerminalProgress()
     try:
         return run_job(job, progress)
@@ -129,8 +142,6 @@ def _cluster(address: str | None):
 
 def _outputs(args: argparse.Namespace, extras: tuple[str, ...]) -> list[Path]:
     """One output path per input: --out for a single input, DIR/<input name> with --out-dir."""
-    from .engine.batch import output_paths
-
     if args.out is not None:
         if len(args.images) > 1:
             raise ValueError(f"--out names one file for {len(args.images)} inputs: use --out-dir DIR.")
@@ -158,13 +169,10 @@ def _report(results) -> None:
 
 
 def _features(args: argparse.Namespace) -> None:
-    from .engine import resolve_device
-    from .engine.batch import features_files_job
-
     outputs = _outputs(args, ("pca",))
     model = _encoder(args)
     where = args.scheduler or resolve_device(args.device)
-    print(f"{model.crossd_meta['arch']} ({model.crossd_meta.get('strategy', 'crossd')}) on {where}", flush=True)
+    print(f"{model.crossd_meta.arch} ({model.crossd_meta.strategy or 'crossd'}) on {where}", flush=True)
     with _cluster(args.scheduler) as client:
         job = features_files_job(
             model, args.images, outputs, spacing=args.spacing, client=client, block=args.block, stride=args.stride,
@@ -176,10 +184,6 @@ def _features(args: argparse.Namespace) -> None:
 
 def _read_annotations(path: Path, shape: tuple, min_classes: int):
     """The strokes of a label file (the one label rule: :class:`~napari_crossd.engine.Annotations`)."""
-    import numpy as np
-
-    from .engine import Annotations
-    from .io import read_volume
 
     labels = np.asarray(read_volume(path).data)
     if labels.shape != shape:
@@ -199,8 +203,6 @@ def _read_annotations(path: Path, shape: tuple, min_classes: int):
 
 
 def _training_files(args: argparse.Namespace) -> list[tuple[Path, Path]]:
-    from .engine.batch import read_pairs
-
     if args.pairs is not None:
         if args.image is not None:
             raise ValueError("Give IMAGE LABELS or --pairs CSV, not both.")
@@ -211,9 +213,6 @@ def _training_files(args: argparse.Namespace) -> list[tuple[Path, Path]]:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from .engine import Segmenter, finetune_pairs_job, load_segmenter, save_segmenter
-    from .io import read_volume
-
     files = _training_files(args)
     volumes = [read_volume(image, spacing=args.spacing) for image, _ in files]
     min_classes = 1 if len(files) > 1 else 2  # two classes over all pairs together
@@ -241,9 +240,6 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _fine_tuned(model: str):
-    from .engine import load_segmenter
-    from .io.checkpoints import NAMED_WEIGHTS
-
     if not Path(model).exists() and model not in NAMED_WEIGHTS:
         raise FileNotFoundError(f"--model {model}: no such model directory.")
     if not Path(model).is_dir():
@@ -253,8 +249,6 @@ def _fine_tuned(model: str):
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from .engine.batch import segment_files_job
-
     outputs = _outputs(args, ("probabilities",))
     segmenter = _fine_tuned(args.model)
     with _cluster(args.scheduler) as client:
@@ -267,10 +261,6 @@ def _segment(args: argparse.Namespace) -> None:
 
 
 def _volume_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
-    from .engine.devices import DEVICES
-    from .engine.normalize import PRESETS
-    from .models.inflate import STRATEGIES
-
     parser.add_argument("--model", default="default", help=model_help)
     parser.add_argument("--strategy", default="i3d", choices=STRATEGIES,
                         help="inflation strategy when --model holds 2D weights (default: i3d)")
@@ -284,8 +274,6 @@ def _volume_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def _batch_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
-    from .engine.cluster import DEFAULT_BLOCK
-
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                         help="volumes: .nii/.nii.gz, .tif/.tiff or .npy")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -301,9 +289,6 @@ _MODELS = "checkpoint (.pth/.safetensors), a fine-tuned model directory, or 'def
 
 
 def _add_inflate(commands) -> None:
-    from .models import ARCHITECTURES
-    from .models.inflate import OFFICIAL_SHIFTS, STRATEGIES
-
     inflate = commands.add_parser(
         "inflate", help="load 2D weights and write the inflated 3D network (.safetensors + .json)",
         description="Load a 2D checkpoint (torchvision, official Cross-D, or saved by napari-crossd), "
@@ -326,8 +311,6 @@ def _add_inflate(commands) -> None:
 
 
 def _add_pretrain(commands) -> None:
-    from .training import add_pretrain_arguments, run_pretrain
-
     pretrain = commands.add_parser(
         "pretrain", help="2D supervised pretraining of a Cross-D or plain backbone (one process or torchrun/DDP)",
         description="Train a backbone on labelled 2D images; also runs under "
@@ -338,10 +321,6 @@ def _add_pretrain(commands) -> None:
 
 
 def _add_demo(commands) -> None:
-    from .demo import REGIONS
-    from .demo import main as run_demo
-    from .models.inflate import STRATEGIES
-
     demo = commands.add_parser(
         "demo", help="napari with the MNI152 sample, default weights and the plugin's widgets (or --headless)",
         description="Open napari with the MNI152 sample volume, the default 2D weights inflated to 3D and the "

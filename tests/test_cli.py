@@ -25,7 +25,7 @@ def test_inflate_command_writes_a_model_that_reloads_to_the_same_3d_network(
     assert out.is_file() and out.with_suffix(".json").is_file()
 
     reloaded = load_model(out)
-    assert reloaded.crossd_meta["strategy"] == "i3d" and reloaded.crossd_meta["spatial_dims"] == 3
+    assert reloaded.crossd_meta.strategy == "i3d" and reloaded.crossd_meta.spatial_dims == 3
     direct = inflate(load_model(mobilenet_v2_imagenet_path), strategy="i3d")
     volume = mni_t1[None, None, :, :32, :32].float().expand(-1, 3, -1, -1, -1)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_features_finetune_segment_on_nifti_keep_the_grid(mni_crop_files, tmp_pa
     import nibabel as nib
     import numpy as np
 
-    from napari_crossd.datasets import dice_scores, paint_strokes
+    from napari_crossd.evaluation import dice_scores, paint_strokes
 
     t1 = nib.load(mni_crop_files["t1"])
     truth = mni_crop_files["truth"]  # (Z, Y, X) = the NIfTI's (k, j, i)
@@ -135,5 +135,5 @@ def test_default_weights_are_the_shipped_crossd_model(tmp_path, capsys):
     assert main(["inflate", "default", "--out", str(out)]) == 0
     assert "crossd_mobilenet_v2 (crossd weights, 10 classes)" in capsys.readouterr().out
     model = load_model(out)
-    assert model.crossd_meta["spatial_dims"] == 3
-    assert model.crossd_meta["normalization"]["name"] == "pretrain:fashion-mnist"
+    assert model.crossd_meta.spatial_dims == 3
+    assert model.crossd_meta.normalization.name == "pretrain:fashion-mnist"

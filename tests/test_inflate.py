@@ -486,7 +486,7 @@ def test_input_untouched_modes_sharing_and_metadata():
     model.layer1.eval()
     model.conv1.weight.requires_grad_(False)
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    meta_before = dict(model.crossd_meta)
+    meta_before = model.crossd_meta
     types_before = [type(m) for m in model.modules()]
 
     inflated = inflate(model, "crossd", depth_preserving_stages=2)
@@ -494,8 +494,8 @@ def test_input_untouched_modes_sharing_and_metadata():
     assert all(torch.equal(model.state_dict()[name], t) for name, t in before.items())
     assert [type(m) for m in model.modules()] == types_before
     assert model.crossd_meta == meta_before
-    assert inflated.crossd_meta == {
-        **meta_before,
+    assert inflated.crossd_meta.to_dict() == {
+        **meta_before.to_dict(),
         "strategy": "crossd",
         "official_shift": "keep",
         "depth_preserving_stages": 2,
@@ -509,7 +509,7 @@ def test_input_untouched_modes_sharing_and_metadata():
     shared = nn.Conv2d(2, 2, 3, padding=1)
     twice = inflate(nn.Sequential(shared, nn.ReLU(), shared))
     assert twice[0] is twice[2] and isinstance(twice[0], nn.Conv3d)
-    assert inflate(nn.Conv2d(1, 1, 1)).crossd_meta["spatial_dims"] == 3
+    assert inflate(nn.Conv2d(1, 1, 1)).crossd_meta.spatial_dims == 3
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])

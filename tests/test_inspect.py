@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from napari_crossd.core import CrossDConv
-from napari_crossd.engine.inspect import (
+from napari_crossd.engine.normalize import network_volume
+from napari_crossd.models.inspect import (
     conv_layers,
     dynamic_rotations,
     feature_maps,
     kernel_grid,
     layer_kernels,
     learned_rotation,
-    network_volume,
     phase_shift,
     rotate_bank,
 )

@@ -60,10 +60,10 @@ def imagenet_preprocess(image: np.ndarray) -> torch.Tensor:
 def test_imagenet_mobilenet_v2_loads_and_classifies(mobilenet_v2_imagenet_path):
     model = load_model(mobilenet_v2_imagenet_path)
     assert not model.training
-    assert model.crossd_meta["arch"] == "mobilenet_v2"
-    assert model.crossd_meta["format"] == "torchvision"
-    assert model.crossd_meta["num_classes"] == 1000
-    assert model.crossd_meta["normalization"]["name"] == "imagenet"
+    assert model.crossd_meta.arch == "mobilenet_v2"
+    assert model.crossd_meta.format == "torchvision"
+    assert model.crossd_meta.num_classes == 1000
+    assert model.crossd_meta.normalization.name == "imagenet"
     images = torch.cat([imagenet_preprocess(data.chelsea()), imagenet_preprocess(data.coffee())])
     with torch.no_grad():
         probs = model(images).softmax(dim=1)
@@ -82,7 +82,7 @@ def test_imagenet_weights_survive_safetensors_round_trip(mobilenet_v2_imagenet_p
     reloaded = load_model(written[0])
     for key, value in original.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
-    assert reloaded.crossd_meta["normalization"] == original.crossd_meta["normalization"]
+    assert reloaded.crossd_meta.normalization == original.crossd_meta.normalization
 
 
 # --- layouts and detection --------------------------------------------------------
@@ -104,8 +104,8 @@ def test_nesting_and_prefix_variants_load(wrap, tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(wrap(source.state_dict()), path)
     model = load_model(path)
-    assert model.crossd_meta["arch"] == "resnet18"
-    assert model.crossd_meta["num_classes"] == 10
+    assert model.crossd_meta.arch == "resnet18"
+    assert model.crossd_meta.num_classes == 10
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x))
@@ -129,7 +129,7 @@ def test_torchvision_checkpoint_without_num_batches_tracked_loads(tmp_path):
     source = build_model("resnet18").state_dict()
     path = tmp_path / "old.pth"
     torch.save({k: v for k, v in source.items() if "num_batches_tracked" not in k}, path)
-    assert load_model(path).crossd_meta["arch"] == "resnet18"
+    assert load_model(path).crossd_meta.arch == "resnet18"
 
 
 def test_official_crossd_checkpoint_loads_with_weights_only(tmp_path):
@@ -156,11 +156,11 @@ def test_official_crossd_checkpoint_loads_with_weights_only(tmp_path):
 
     model = load_model(path)
     meta = model.crossd_meta
-    assert meta["arch"] == "crossd_resnet18"
-    assert meta["format"] == "crossd_official"
-    assert (meta["rotation"], meta["rotation_mode"]) == ("dynamic", "reference")
-    assert meta["num_classes"] == 165
-    assert meta["normalization"]["name"] == "radimagenet"
+    assert meta.arch == "crossd_resnet18"
+    assert meta.format == "crossd_official"
+    assert (meta.rotation, meta.rotation_mode) == ("dynamic", "reference")
+    assert meta.num_classes == 165
+    assert meta.normalization.name == "radimagenet"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), source.eval()(x))
@@ -204,8 +204,8 @@ def test_official_resnet18_checkpoint_loads_and_computes_the_official_network(of
     path = _save_official(official_r18, tmp_path / "CrossDConvR18.pth")
     model, report = load_model_with_report(path)
     meta = model.crossd_meta
-    assert (meta["arch"], meta["format"], meta["crossd_pointwise"]) == ("crossd_resnet18", "crossd_official", True)
-    assert (meta["rotation"], meta["rotation_mode"], meta["num_classes"]) == ("dynamic", "reference", 7)
+    assert (meta.arch, meta.format, meta.crossd_pointwise) == ("crossd_resnet18", "crossd_official", True)
+    assert (meta.rotation, meta.rotation_mode, meta.num_classes) == ("dynamic", "reference", 7)
     assert (len(report.loaded), report.missing, report.ignored) == (302, (), ())
     with torch.no_grad():
         torch.testing.assert_close(model(official_r18["x"]), official_r18["logits"])
@@ -217,7 +217,7 @@ def test_official_deeper_resnet_checkpoints_load_every_tensor(arch, tmp_path):
     path = tmp_path / "official.pth"
     torch.save(official_checkpoint(official.state_dict()), path)
     model, report = load_model_with_report(path)
-    assert model.crossd_meta["arch"] == arch
+    assert model.crossd_meta.arch == arch
     assert report.loaded == tuple(official.state_dict())
     for key, value in official.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -318,14 +318,14 @@ def test_crossd_model_round_trips_with_settings_and_class_names(tmp_path):
     assert meta["class_names"] == ["a", "b", "c"]
 
     model = load_model(weights)
-    assert model.crossd_meta["class_names"] == ["a", "b", "c"]
+    assert model.crossd_meta.class_names == ("a", "b", "c")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x))
 
     # The same metadata is in the safetensors header: the weights file alone suffices.
     sidecar.unlink()
-    assert load_model(weights).crossd_meta["rotation"] == "static"
+    assert load_model(weights).crossd_meta.rotation == "static"
 
 
 @pytest.mark.parametrize(
@@ -344,7 +344,7 @@ def test_inflated_model_round_trips(arch, options, tmp_path):
     assert {k: saved[k] for k in options} == options
 
     model = load_model(weights)
-    assert {k: model.crossd_meta[k] for k in options} == options
+    assert {k: getattr(model.crossd_meta, k) for k in options} == options
     x = torch.randn(1, 3, 8, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x))

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from napari_crossd.cli import main
-from napari_crossd.datasets import dice_scores, paint_strokes
 from napari_crossd.engine import (
     Annotations,
     Segmenter,
@@ -19,6 +18,7 @@ from napari_crossd.engine import (
     segment,
 )
 from napari_crossd.engine.batch import output_paths, read_pairs
+from napari_crossd.evaluation import dice_scores, paint_strokes
 
 # Two parts of the MNI152 template that share no voxel: the back of the brain with the air
 # behind it, and the middle of the brain (ventricles, deep grey matter) 60 mm above it.

@@ -95,7 +95,7 @@ def test_forward_features_finest_first_as_feature_info_says(arch):
 
 def test_build_model_metadata():
     assert list_models() == list(ARCHITECTURES)
-    assert build_model("resnet18").crossd_meta == {
+    assert build_model("resnet18").crossd_meta.to_dict() == {
         "arch": "resnet18",
         "format": "torchvision",
         "num_classes": 1000,
@@ -106,7 +106,7 @@ def test_build_model_metadata():
         },
     }
     meta = build_model("crossd_resnet18", num_classes=3).crossd_meta
-    assert (meta["format"], meta["rotation"], meta["rotation_mode"]) == ("crossd", "dynamic", "fourier")
+    assert (meta.format, meta.rotation, meta.rotation_mode) == ("crossd", "dynamic", "fourier")
 
 
 def test_build_model_rejects_unknown_names_and_misplaced_options():
@@ -136,7 +136,7 @@ def test_crossd_resnet18_layers_have_official_names_and_its_1x1_shortcuts_stay_p
 def test_only_convolutions_larger_than_1x1_become_crossd(arch, num_crossd):
     model = build_model(arch, rotation="none")
     crossd = [m for m in model.modules() if isinstance(m, CrossDConv)]
-    plain = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    plain = [m for m in model.modules() if type(m) is nn.Conv2d]  # CrossDConv is an nn.Conv2d too
     assert len(crossd) == num_crossd
     assert all(m.kernel_size == (1, 1) for m in plain)
     if arch == "crossd_mobilenet_v2":  # depthwise convolutions keep their groups

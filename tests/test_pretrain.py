@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from napari_crossd.io import load_model
+from napari_crossd.io.samples import FASHION_MNIST_ROOT
 from napari_crossd.models import build_model
 from napari_crossd.training import (
     FashionMNIST,
@@ -33,7 +34,6 @@ from napari_crossd.training import (
     pretrain,
     read_idx,
 )
-from napari_crossd.training.data import FASHION_MNIST_ROOT
 
 TEXTURES = ("brick", "grass", "gravel")
 
@@ -106,9 +106,9 @@ def test_torchrun_ddp_replicas_agree_and_resume_is_exact(texture_folder, tmp_pat
     assert state["rng"]["torch"].shape[0] == 2
     assert not torch.equal(state["rng"]["torch"][0], state["rng"]["torch"][1])
     saved = load_model(full / "model.safetensors")
-    assert saved.crossd_meta["arch"] == "crossd_mobilenet_v2"
-    assert saved.crossd_meta["rotation_mode"] == "fourier"
-    assert saved.crossd_meta["class_names"] == list(TEXTURES)
+    assert saved.crossd_meta.arch == "crossd_mobilenet_v2"
+    assert saved.crossd_meta.rotation_mode == "fourier"
+    assert saved.crossd_meta.class_names == tuple(TEXTURES)
     for key, value in saved.state_dict().items():
         torch.testing.assert_close(value, rank0[key], rtol=0, atol=0, msg=key)
 
@@ -264,11 +264,11 @@ def test_shipped_crossd_default_weights(mni_t1):
     assert DEFAULT_WEIGHTS.stat().st_size <= 10_000_000
     model = load_model("default")
     meta = model.crossd_meta
-    assert (meta["arch"], meta["rotation"], meta["rotation_mode"]) == ("crossd_mobilenet_v2", "dynamic", "fourier")
-    assert meta["class_names"][0] == "T-shirt/top" and meta["stored_dtype"] == "float16"
+    assert (meta.arch, meta.rotation, meta.rotation_mode) == ("crossd_mobilenet_v2", "dynamic", "fourier")
+    assert meta.class_names[0] == "T-shirt/top" and meta.stored_dtype == "float16"
     # The Cross-D kernels become the 3D network's kernels; features of a real MRI crop are finite.
     model3d = inflate(model)
-    volume = ((mni_t1 - meta["normalization"]["mean"][0]) / meta["normalization"]["std"][0]).float()
+    volume = ((mni_t1 - meta.normalization.mean[0]) / meta.normalization.std[0]).float()
     with torch.no_grad():
         features = model3d.forward_features(volume[None, None].expand(1, 3, -1, -1, -1))
     assert features[0].shape[:2] == (1, 16) and all(torch.isfinite(f).all() for f in features)
@@ -280,6 +280,6 @@ def test_shipped_weights_reach_their_recorded_accuracy():
     from napari_crossd.training import evaluate
 
     model = load_model("default")
-    recorded = model.crossd_meta["training"]["val_accuracy"]  # full 10,000-image test split, float32
+    recorded = model.crossd_meta.training.val_accuracy  # full 10,000-image test split, float32
     # 2,000 test images (class-stratified): binomial std ~0.9 points at 77 %.
     assert evaluate(model, limit=2000) == pytest.approx(recorded, abs=0.03)

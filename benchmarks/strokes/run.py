@@ -13,11 +13,11 @@ Delete the JSON files of an arm (``results/raw/*__default__*``) to measure it ag
 
 Protocol, per task and stroke seed: 3 strokes per class (12-step random walks, brush radius
 1, inside the class) on 5 axial slices evenly spaced over the middle 60 % of axis 0
-(``datasets.paint_strokes(span=(0.2, 0.8))``); Train; the full-volume labels. Dice per
+(``evaluation.paint_strokes(span=(0.2, 0.8))``); Train; the full-volume labels. Dice per
 class on the unpainted slices between the first and last painted one (near), beyond them
 (far), and on all unpainted slices (all), where the ground truth is defined. Then the
 corrective round: 3 strokes of every mispredicted class inside the misclassified voxels of
-the 2 unpainted slices with the most errors (``datasets.paint_corrections``), retrain on all
+the 2 unpainted slices with the most errors (``evaluation.paint_corrections``), retrain on all
 strokes (ours: the same segmenter, a warm start, as the widget; the forests: refit, as
 ilastik), and the gain in Dice on the slices unpainted in both rounds.
 """
@@ -38,7 +38,7 @@ from arms import ALL_ARMS, DEFAULT_ARMS, make_arm
 from report import write_report
 from tasks import TASKS, quick
 
-from napari_crossd.datasets import dice_scores, paint_corrections, paint_strokes
+from napari_crossd.evaluation import dice_scores, paint_corrections, paint_strokes
 
 HERE = Path(__file__).resolve().parent
 STROKES = {"slices": 5, "strokes_per_class": 3, "length": 12, "radius": 1, "span": (0.2, 0.8)}

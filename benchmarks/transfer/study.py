@@ -47,8 +47,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from probe import linear_probe
 
-from napari_crossd.datasets import dice_scores
 from napari_crossd.engine import extract_features
+from napari_crossd.evaluation import dice_scores
 from napari_crossd.io import load_model
 from napari_crossd.models import build_model
 from napari_crossd.models.inflate import inflate
@@ -178,8 +178,8 @@ def bn_probe_accuracy(model: nn.Module, t1: np.ndarray, labels: np.ndarray, seed
     train_x, train_y = _patches(t1, labels, True, per_class, size, seed)
     test_x, test_y = _patches(t1, labels, False, per_class, size, seed + 1000)
     lo, hi = np.percentile(t1, (1.0, 99.8))
-    norm = model.crossd_meta["normalization"]
-    mean, std = float(np.mean(norm["mean"])), float(np.mean(norm["std"]))
+    norm = model.crossd_meta.normalization
+    mean, std = float(np.mean(norm.mean)), float(np.mean(norm.std))
 
     def prepare(x):
         x = torch.from_numpy(np.clip((x - lo) / (hi - lo), 0, 1)).float()

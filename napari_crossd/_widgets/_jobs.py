@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from functools import partial
 
 from napari.qt.threading import thread_worker
 from napari.utils import progress as napari_progress
@@ -46,6 +48,41 @@ def _show_progress(bar, description: str, report) -> None:
     bar.n = min(report.step, report.total) if report.total else report.step
     bar.set_description(f"{description}: {report.message}")
     bar.refresh()
+
+
+@dataclass
+class _Started:
+    """One job of a :class:`JobRunner`: whom to tell when it reports, and its progress bar."""
+
+    description: str
+    on_result: Callable[[object], None]
+    on_progress: Callable[[object], None] | None
+    on_error: Callable[[BaseException], None] | None
+    on_cancel: Callable[[], None] | None
+    bar: object | None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _quiet_worker(make_job: Callable[[], Generator], cancel: threading.Event):
+    """A napari worker (not started) that runs ``make_job()`` until ``cancel`` is set.
+
+    Errors are the runner's to report (one notification with the reason): no re-raise in the
+    GUI thread, and napari's own relay of the traceback is disconnected.
+    """
+
+    @thread_worker(start_thread=False, ignore_errors=True)
+    def work():
+        result = yield from _drive(make_job(), cancel)
+        return result
+
+    worker = work()
+    relay = getattr(worker, "_relay_error", None)
+    if relay is not None:
+        try:
+            worker.errored.disconnect(relay)
+        except (TypeError, RuntimeError):
+            pass  # not connected in this napari version
+    return worker
 
 
 class JobRunner:
@@ -101,77 +138,61 @@ class JobRunner:
             self.fail(f"{description}: another job of this widget is still running; cancel it or wait")
             return None
         self._cancel = threading.Event()
-        cancel = self._cancel
         self.last_error = None
         self.last_status = None
-
-        # Errors are ours to report (one notification with the reason, below): no re-raise in
-        # the GUI thread, and napari's own relay of the traceback is disconnected.
-        @thread_worker(start_thread=False, ignore_errors=True)
-        def work():
-            result = yield from _drive(make_job(), cancel)
-            return result
-
-        worker = work()
-        relay = getattr(worker, "_relay_error", None)
-        if relay is not None:
-            try:
-                worker.errored.disconnect(relay)
-            except (TypeError, RuntimeError):
-                pass  # not connected in this napari version
         bar = napari_progress(total=0, desc=description) if self._progress_bar else None
+        job = _Started(description, on_result, on_progress, on_error, on_cancel, bar)
         self._bar = bar
-        started = time.perf_counter()
-
-        def yielded(report) -> None:
-            if bar is not None:
-                _show_progress(bar, description, report)
-            if on_progress is not None:
-                on_progress(report)
-
-        def returned(value) -> None:
-            if value is CANCELLED:
-                self.last_status = "cancelled"
-                show_info(f"{description}: cancelled; layers unchanged")
-                if on_cancel is not None:
-                    on_cancel()
-                return
-            begin = time.perf_counter()
-            try:
-                on_result(value)
-            except Exception as err:  # a result that cannot be shown is a failure, not a crash
-                errored(err)
-                return
-            finally:
-                self.last_result_ms = 1000 * (time.perf_counter() - begin)
-            self.last_status = "done"
-
-        def errored(err: BaseException) -> None:
-            message = f"{description} failed: {err}"
-            self.last_error = message
-            self.last_status = "failed"
-            show_error(message)
-            if on_error is not None:
-                on_error(err)
-
-        def finished() -> None:
-            self.last_seconds = time.perf_counter() - started
-            if bar is not None:
-                bar.close()
-            self._bar = None
-            self.worker = None
-            if self._on_busy is not None:
-                self._on_busy(False)
-
-        worker.yielded.connect(yielded)
-        worker.returned.connect(returned)
-        worker.errored.connect(errored)
-        worker.finished.connect(finished)
+        worker = _quiet_worker(make_job, self._cancel)
+        worker.yielded.connect(partial(self._progressed, job))
+        worker.returned.connect(partial(self._returned, job))
+        worker.errored.connect(partial(self._failed, job))
+        worker.finished.connect(partial(self._finished, job))
         self.worker = worker
         if self._on_busy is not None:
             self._on_busy(True)
         worker.start()
         return worker
+
+    def _progressed(self, job: _Started, report) -> None:
+        if job.bar is not None:
+            _show_progress(job.bar, job.description, report)
+        if job.on_progress is not None:
+            job.on_progress(report)
+
+    def _returned(self, job: _Started, value) -> None:
+        if value is CANCELLED:
+            self.last_status = "cancelled"
+            show_info(f"{job.description}: cancelled; layers unchanged")
+            if job.on_cancel is not None:
+                job.on_cancel()
+            return
+        begin = time.perf_counter()
+        try:
+            job.on_result(value)
+        except Exception as err:  # a result that cannot be shown is a failure, not a crash
+            self._failed(job, err)
+            return
+        finally:
+            self.last_result_ms = 1000 * (time.perf_counter() - begin)
+        self.last_status = "done"
+
+    def _failed(self, job: _Started, err: BaseException) -> None:
+        message = f"{job.description} failed: {err}"
+        self.last_error = message
+        self.last_status = "failed"
+        show_error(message)
+        if job.on_error is not None:
+            job.on_error(err)
+
+    def _finished(self, job: _Started) -> None:
+        self.last_seconds = time.perf_counter() - job.started
+        if job.bar is not None:
+            job.bar.close()
+        self._bar = None
+        self.worker = None
+        if self._on_busy is not None:
+            self._on_busy(False)
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next step (no effect when idle)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import napari
 import numpy as np
 from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton, SpinBox
 
@@ -35,8 +36,6 @@ class FinetuneWidget(Container):
     """
 
     def __init__(self, napari_viewer) -> None:
-        import napari
-
         self.viewer = napari_viewer
         self.session, self.events = session_for(napari_viewer)
         self.image = LayerPicker(napari_viewer, napari.layers.Image, "image")
@@ -111,6 +110,7 @@ class FinetuneWidget(Container):
         return layer, strokes
 
     def _segmenter_for(self, classes: int, names):
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import Segmenter
 
         current = self.session.segmenter
@@ -121,8 +121,6 @@ class FinetuneWidget(Container):
     def _training_pairs(self) -> list:
         """(image, strokes) layers to train on: with "every open image", the latest strokes
         layer of each other image first; the picked pair last (its features stay for Predict)."""
-        import napari
-
         image, strokes = self._inputs()
         others = {}
         if self.every_image.value:
@@ -136,6 +134,7 @@ class FinetuneWidget(Container):
 
     def _annotations(self, pairs) -> list:
         """Each strokes layer checked by the engine's label rule, before anything starts."""
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import Annotations
 
         annotations = []
@@ -160,6 +159,7 @@ class FinetuneWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import finetune_pairs_job
 
         volumes = [volume_data(image) for image, _ in pairs]
@@ -203,6 +203,7 @@ class FinetuneWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import segment_job
 
         segmenter, volume = self.session.segmenter, volume_data(layer)
@@ -221,8 +222,6 @@ class FinetuneWidget(Container):
 
     def predict_all(self, _=None):
         """Segment every open 3D image with the current model: one job, one progress bar."""
-        import napari
-
         images = [layer for layer in self.viewer.layers if isinstance(layer, napari.layers.Image)
                   and not getattr(layer, "rgb", False) and volume_data(layer).ndim == 3]
         try:
@@ -233,6 +232,7 @@ class FinetuneWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import named_job, segment_job
 
         segmenter, device = self.session.segmenter, self.session.device
@@ -261,6 +261,7 @@ class FinetuneWidget(Container):
     def segment_folder(self, _=None):
         """Label every volume file of the images folder into the output folder, each in its
         own format and on its own grid (what ``crossd segment --out-dir`` does)."""
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine.batch import output_paths, segment_files_job, volume_files
 
         try:
@@ -297,6 +298,7 @@ class FinetuneWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import Progress, save_segmenter
 
         segmenter = self.session.segmenter
@@ -316,6 +318,7 @@ class FinetuneWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import Progress, load_segmenter
 
         def job():

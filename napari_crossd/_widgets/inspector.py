@@ -1,6 +1,6 @@
 """Inspector widget: a layer's synthesized 3D kernels, their rotation and Fourier phase shift,
 the learned rotation (per slice for dynamic layers) and feature maps. Numerics in
-:mod:`napari_crossd.engine.inspect`; this widget only lays their results out as layers.
+:mod:`napari_crossd.models.inspect`; this widget only lays their results out as layers.
 
 Kernel layers are placed beside the volume being inspected: their k kernel slices span the
 volume's Z extent, so napari's dims slider steps through kernel depth while it steps
@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSlider, Label, PushButton, Slider, SpinBox
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # annotations only: the widget imports the engine where it fi
     import torch
     from torch import nn
 
-    from napari_crossd.engine.inspect import KernelGrid, LearnedRotation
+    from napari_crossd.models.inspect import KernelGrid, LearnedRotation
 
 __all__ = ["InspectorWidget", "KernelView", "kernel_view_job"]
 
@@ -65,11 +66,12 @@ def kernel_view_job(module, name: str, axis: str, angle: float, shown: KernelVie
     Returns:
         (view, rotation): rotation is None for kernels that are not cubic (nothing to
         rotate), else (rotated grid, phase-shift grid in radians); both grids are
-        :class:`~napari_crossd.engine.inspect.KernelGrid`, the rotated one in the unit of
+        :class:`~napari_crossd.models.inspect.KernelGrid`, the rotated one in the unit of
         ``view.grid`` and clipped to its display range.
     """
+    # torch on first use: npe2 imports the widget modules before any model is loaded
     from napari_crossd.engine import Progress
-    from napari_crossd.engine.inspect import kernel_grid, layer_kernels, learned_rotation, phase_shift, rotate_bank
+    from napari_crossd.models.inspect import kernel_grid, layer_kernels, learned_rotation, phase_shift, rotate_bank
 
     view = shown
     if view is None:
@@ -97,8 +99,6 @@ class InspectorWidget(Container):
     """Look inside the current network, layer by layer."""
 
     def __init__(self, napari_viewer) -> None:
-        import napari
-
         self.viewer = napari_viewer
         self.session, self.events = session_for(napari_viewer)
         self.image = LayerPicker(napari_viewer, napari.layers.Image, "volume")
@@ -141,6 +141,7 @@ class InspectorWidget(Container):
     # -- which model and layer ------------------------------------------------------------
     def source_model(self):
         """The 2D model when it holds Cross-D layers (learned rotations live there), else the 3D one."""
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.core import CrossDConv
 
         model2d = self.session.model2d
@@ -149,7 +150,8 @@ class InspectorWidget(Container):
         return self.session.model3d
 
     def _layer_choices(self, _widget=None):
-        from napari_crossd.engine.inspect import conv_layers
+        # torch on first use: npe2 imports the widget modules before any model is loaded
+        from napari_crossd.models.inspect import conv_layers
 
         model = self.source_model() if self.session.model3d is not None else None
         return list(conv_layers(model)) if model is not None else []
@@ -264,7 +266,8 @@ class InspectorWidget(Container):
 
     # -- dynamic rotation over the volume -------------------------------------------------
     def _net_input(self, layer):
-        from napari_crossd.engine.inspect import network_volume
+        # torch on first use: npe2 imports the widget modules before any model is loaded
+        from napari_crossd.engine.normalize import network_volume
 
         return network_volume(volume_data(layer), self.session.model3d)
 
@@ -273,7 +276,7 @@ class InspectorWidget(Container):
         try:
             check_volume_layer(layer, "The rotation distribution needs")
             module = self.module()
-            from napari_crossd.engine.inspect import learned_rotation
+            from napari_crossd.models.inspect import learned_rotation
 
             if module is None or learned_rotation(module).kind != "dynamic":
                 raise ValueError(f"layer {self.layer.value!r} has no dynamic rotation: pick a Cross-D layer "
@@ -281,8 +284,9 @@ class InspectorWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import Progress
-        from napari_crossd.engine.inspect import dynamic_rotations
+        from napari_crossd.models.inspect import dynamic_rotations
 
         model2d, name = self.session.model2d, self.layer.value
 
@@ -316,8 +320,9 @@ class InspectorWidget(Container):
         except ValueError as err:
             self.runner.fail(str(err))
             return None
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import Progress
-        from napari_crossd.engine.inspect import feature_maps
+        from napari_crossd.models.inspect import feature_maps
 
         model3d, level = self.session.model3d, self.level.value
 

@@ -14,6 +14,7 @@ __all__ = ["ModelWidget", "load_job"]
 
 def load_job(checkpoint: str, arch: str, strategy: str, official_shift: str = "keep"):
     """Generator: load a checkpoint, inflate it, describe it. Returns (model2d, model3d, info)."""
+    # torch on first use: npe2 imports the widget modules before any model is loaded
     from napari_crossd.engine import Progress, prepare_model
     from napari_crossd.io import load_model_with_report
 
@@ -23,18 +24,18 @@ def load_job(checkpoint: str, arch: str, strategy: str, official_shift: str = "k
         loaded, report = load_model_with_report(source, arch=arch)
     except ValueError as err:
         raise ValueError(f"{Path(source).name}: {err}") from None
-    meta = dict(loaded.crossd_meta)
-    three_d = meta.get("spatial_dims") == 3
+    meta = loaded.crossd_meta
+    three_d = meta.spatial_dims == 3
     yield Progress(1, 3, "already 3D" if three_d else f"inflating ({strategy})")
     model3d = prepare_model(loaded, strategy=strategy, official_shift=official_shift)
     info = {
         "source": "default (napari-crossd Cross-D MobileNetV2)" if source == "default" else str(source),
-        "arch": meta.get("arch"),
-        "format": meta.get("format"),
+        "arch": meta.arch,
+        "format": meta.format,
         "parameters": sum(p.numel() for p in model3d.parameters()),
-        "strategy": model3d.crossd_meta.get("strategy", strategy),
+        "strategy": model3d.crossd_meta.strategy or strategy,
         "loading": report.summary(),
-        "normalization": (meta.get("normalization") or {}).get("name"),
+        "normalization": meta.normalization.name if meta.normalization else None,
     }
     yield Progress(3, 3, "ready")
     return (None if three_d else loaded), model3d, info
@@ -52,6 +53,7 @@ class ModelWidget(Container):
     """Choose 2D weights (file or the bundled default), architecture, inflation strategy and device."""
 
     def __init__(self, napari_viewer) -> None:
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine.devices import DEVICES
         from napari_crossd.models import ARCHITECTURES
         from napari_crossd.models.inflate import STRATEGIES
@@ -72,6 +74,7 @@ class ModelWidget(Container):
         self.device.changed.connect(self._set_device)
 
     def _set_device(self, value: str) -> None:
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import resolve_device
 
         try:

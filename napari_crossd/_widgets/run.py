@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import napari
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, SpinBox
 
@@ -19,6 +20,7 @@ def features_pca_job(model3d, volume, *, spacing, stride, device, keep_stack: bo
 
     Returns (rgb, stack, stack display range), the last two None unless ``keep_stack``.
     """
+    # torch on first use: npe2 imports the widget modules before any model is loaded
     from napari_crossd.engine import Progress, features_job, pca_rgb
 
     features = yield from features_job(model3d, volume, spacing=spacing, stride=stride, device=device)
@@ -36,8 +38,6 @@ class RunWidget(Container):
     """On the selected Image layer: extract features or segment with the current model."""
 
     def __init__(self, napari_viewer) -> None:
-        import napari
-
         self.viewer = napari_viewer
         self.session, self.events = session_for(napari_viewer)
         self.image = LayerPicker(napari_viewer, napari.layers.Image, "image")
@@ -80,6 +80,7 @@ class RunWidget(Container):
                                         keep_stack=keep)
 
             return self.runner.start(make, lambda result: self._add_features(layer, *result), "Features")
+        # torch on first use: npe2 imports the widget modules before any model is loaded
         from napari_crossd.engine import segment_job
 
         segmenter = self.session.segmenter

@@ -7,14 +7,16 @@ Convention:
     (h, w) slice d = k // 2 of U rotated in the Fourier domain: exactly by default
     (``rotation_mode="fourier"``, see :func:`napari_crossd.core.rotate_kernels`), or as the
     official code computes it (``rotation_mode="reference"``, see
-    :mod:`napari_crossd.core.reference`). stride, padding, dilation and padding_mode are
-    (d, h, w) triples; 2D input uses their (h, w) part.
+    :mod:`napari_crossd.core.reference`). The layer is an ``nn.Conv2d``: ``stride``,
+    ``padding`` and ``dilation`` are its (h, w) geometry; ``stride_3d``, ``padding_3d`` and
+    ``dilation_3d`` the (d, h, w) geometry of 3D input.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -208,8 +210,77 @@ class _MixedTapConv2d(torch.autograd.Function):
         return grad_x, grad_operator, grad_weights, grad_bias, None, None, None, None, None
 
 
-class CrossDConv(nn.Module):
+@dataclass(frozen=True)
+class _Geometry:
+    """CrossDConv's checked kernel edge and (d, h, w) stride, padding and dilation."""
+
+    kernel_size: int
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int] | str
+    dilation: tuple[int, int, int]
+
+
+def _checked_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                       padding_mode, rotation, rotation_mode, kernel_support) -> _Geometry:
+    """The geometry of a valid CrossDConv; ValueError naming the first argument that is not."""
+    if not isinstance(kernel_size, int):
+        sizes = set(kernel_size)
+        if len(sizes) != 1:
+            raise ValueError(f"CrossDConv keeps a cubic k x k x k kernel; got kernel_size={kernel_size}")
+        kernel_size = sizes.pop()
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+        )
+    for name, value, allowed in (("rotation", rotation, ROTATIONS), ("rotation_mode", rotation_mode, ROTATION_MODES),
+                                 ("padding_mode", padding_mode, PADDING_MODES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+    if kernel_support is None and kernel_size % 2 == 0 and rotation_mode == "fourier":
+        raise ValueError(
+            f"kernel_size {kernel_size} is even: Cross-D Conv needs a central slice. Pass "
+            f"kernel_support={kernel_size + 1} to zero-pad the kernel to an odd size"
+        )
+    if kernel_support is not None and (kernel_support % 2 == 0 or kernel_support < kernel_size):
+        raise ValueError(f"kernel_support must be odd and >= kernel_size ({kernel_size}); got {kernel_support}")
+    geometry = _Geometry(kernel_size, _triple(stride, "stride"), padding, _triple(dilation, "dilation"))
+    if not isinstance(padding, str):
+        geometry = replace(geometry, padding=_triple(padding, "padding"))
+    elif padding not in ("same", "valid"):
+        raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}")
+    elif padding == "same" and geometry.stride != (1, 1, 1):
+        raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv)")
+    if rotation_mode == "reference":
+        _check_reference_mode(bias, geometry, groups, padding_mode, rotation, kernel_support)
+    return geometry
+
+
+def _check_reference_mode(bias, geometry: _Geometry, groups, padding_mode, rotation, kernel_support) -> None:
+    unsupported = {
+        "bias=True": bias,
+        "dilation != 1": geometry.dilation != (1, 1, 1),
+        "groups != 1": groups != 1,
+        f"padding_mode={padding_mode!r}": padding_mode != "zeros",
+        "rotation='static'": rotation == "static",
+        "kernel_support": kernel_support is not None,
+    }
+    refused = [name for name, present in unsupported.items() if present]
+    if refused:
+        raise ValueError(
+            "rotation_mode='reference' reproduces the official layer, which has no bias, "
+            "dilation, groups, padding modes, static rotation or kernel support; "
+            f"cannot reproduce {', '.join(refused)}"
+        )
+
+
+class CrossDConv(nn.Conv2d):
     """A convolution that keeps a 3D kernel and applies it to 2D and 3D input.
+
+    An ``nn.Conv2d`` to code that asks (as timm's ``StdConv2d``): its ``kernel_size``,
+    ``stride``, ``padding`` and ``dilation`` are the (h, w) ones its 2D forward uses, and
+    :attr:`weight` is the 2D kernel that forward synthesises from U. U itself is the
+    parameter ``weights_3d``; the 3D forward uses ``stride_3d``, ``padding_3d`` and
+    ``dilation_3d`` ((d, h, w); depth copies h unless a triple was given).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -236,6 +307,8 @@ class CrossDConv(nn.Module):
         >>> conv = CrossDConv(3, 8, 3, padding=1, rotation="static")
         >>> conv(torch.randn(2, 3, 16, 16)).shape, conv(torch.randn(2, 3, 4, 16, 16)).shape
         (torch.Size([2, 8, 16, 16]), torch.Size([2, 8, 4, 16, 16]))
+        >>> conv
+        CrossDConv(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), rotation='static')
     """
 
     def __init__(
@@ -257,69 +330,21 @@ class CrossDConv(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        if not isinstance(kernel_size, int):
-            sizes = set(kernel_size)
-            if len(sizes) != 1:
-                raise ValueError(f"CrossDConv keeps a cubic k x k x k kernel; got kernel_size={kernel_size}")
-            kernel_size = sizes.pop()
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
-        if rotation not in ROTATIONS:
-            raise ValueError(f"rotation must be one of {ROTATIONS}; got {rotation!r}")
-        if rotation_mode not in ROTATION_MODES:
-            raise ValueError(f"rotation_mode must be one of {ROTATION_MODES}; got {rotation_mode!r}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}")
-        if kernel_support is None and kernel_size % 2 == 0 and rotation_mode == "fourier":
-            raise ValueError(
-                f"kernel_size {kernel_size} is even: Cross-D Conv needs a central slice. Pass "
-                f"kernel_support={kernel_size + 1} to zero-pad the kernel to an odd size"
-            )
-        if kernel_support is not None and (kernel_support % 2 == 0 or kernel_support < kernel_size):
-            raise ValueError(f"kernel_support must be odd and >= kernel_size ({kernel_size}); got {kernel_support}")
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}")
-            if padding == "same" and _triple(stride, "stride") != (1, 1, 1):
-                raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv)")
-        else:
-            padding = _triple(padding, "padding")
-        if rotation_mode == "reference":
-            unsupported = {
-                "bias=True": bias,
-                "dilation != 1": _triple(dilation, "dilation") != (1, 1, 1),
-                "groups != 1": groups != 1,
-                f"padding_mode={padding_mode!r}": padding_mode != "zeros",
-                "rotation='static'": rotation == "static",
-                "kernel_support": kernel_support is not None,
-            }
-            refused = [name for name, present in unsupported.items() if present]
-            if refused:
-                raise ValueError(
-                    "rotation_mode='reference' reproduces the official layer, which has no bias, "
-                    "dilation, groups, padding modes, static rotation or kernel support; "
-                    f"cannot reproduce {', '.join(refused)}"
-                )
-
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.stride = _triple(stride, "stride")
-        self.padding = padding
-        self.dilation = _triple(dilation, "dilation")
-        self.groups = groups
-        self.padding_mode = padding_mode
+        geometry = _checked_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                      bias, padding_mode, rotation, rotation_mode, kernel_support)
+        plane = geometry.padding if isinstance(geometry.padding, str) else geometry.padding[1:]
+        # nn.Conv2d's own tensors on the meta device: its (C_out, C_in, k, k) weight is replaced by U.
+        super().__init__(in_channels, out_channels, geometry.kernel_size, geometry.stride[1:], plane,
+                         geometry.dilation[1:], groups, bias, padding_mode, device="meta")
+        del self.weight, self.bias
+        self.stride_3d, self.padding_3d, self.dilation_3d = geometry.stride, geometry.padding, geometry.dilation
         self.rotation = rotation
         self.rotation_mode = rotation_mode
+        self.rotation_per_channel = rotation_per_channel
         self.kernel_support = kernel_support
         factory = {"device": device, "dtype": dtype}
-
-        self.weights_3d = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size, kernel_size, **factory)
-        )
+        k = geometry.kernel_size
+        self.weights_3d = nn.Parameter(torch.empty(out_channels, in_channels // groups, k, k, k, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         if rotation == "static":
             rows = out_channels if rotation_per_channel else 1
@@ -335,15 +360,24 @@ class CrossDConv(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if "weights_3d" not in self._parameters:  # nn.Conv2d.__init__, before U exists
+            return
         # As the official layer; the 2D bias bound is nn.Conv2d's (fan-in of the 2D kernel).
         nn.init.kaiming_normal_(self.weights_3d, mode="fan_out", nonlinearity="relu")
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.weights_3d.shape[1] * self.kernel_size**2)
+            bound = 1 / math.sqrt(self.weights_3d.shape[1] * self.kernel_size[0] ** 2)
             nn.init.uniform_(self.bias, -bound, bound)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The 2D kernel the 2D forward applies (C_out, C_in / groups, s, s), synthesised from U:
+        rotated by a static rotation, U's central slice otherwise (a dynamic layer rotates it per
+        sample). Derived, not a parameter: train ``weights_3d``."""
+        return self._cached_static_kernel(2)
+
+    @property
     def _support(self) -> int:
-        return self.kernel_support or self.kernel_size
+        return self.kernel_support or self.kernel_size[0]
 
     def predict_rotation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The dynamic rotation of each sample: unit axes (B, 3) in (d, h, w) order and angles (B,)."""
@@ -387,7 +421,7 @@ class CrossDConv(nn.Module):
                 matrix = torch.eye(3, dtype=weights.dtype, device=weights.device).unsqueeze(0)
             else:
                 matrix = first_order_rotation(axis, angle)
-            return reference_operator(matrix, self.kernel_size)
+            return reference_operator(matrix, self.kernel_size[0])
         rotvec = self.rotation_vector if axis is None else axis * angle[:, None]
         return rotation_operator(rotvec, self._support, central_plane=True, dtype=weights.dtype)
 
@@ -401,7 +435,7 @@ class CrossDConv(nn.Module):
         central_plane = spatial_dims == 2
         if self.rotation_mode == "reference" and central_plane:  # the official synthesis at angle 0
             kernels = torch.mm(self.weights_3d.flatten(0, 1).flatten(1), self._plane_operator().squeeze(0).T)
-            return kernels.view(*self.weights_3d.shape[:2], self.kernel_size, self.kernel_size)
+            return kernels.view(*self.weights_3d.shape[:2], *self.kernel_size)
         if self.rotation != "static":  # U itself (its support only adds zeros)
             return static_kernels(self.weights_3d, central_plane=central_plane)
         return static_kernels(self.weights_3d, self.rotation_vector, support=self.kernel_support,
@@ -424,19 +458,19 @@ class CrossDConv(nn.Module):
         A kernel grown to its support needs more padding on the side it grew, so that the
         output keeps nn.Conv's shape; uneven or non-zero padding is done here with F.pad.
         """
-        spatial = x.ndim - 2
-        low_extra = (extent - self.kernel_size) // 2
-        high_extra = extent - self.kernel_size - low_extra
+        spatial, k = x.ndim - 2, self.kernel_size[0]
+        low_extra = (extent - k) // 2
+        high_extra = extent - k - low_extra
         pairs = []
         for axis in range(3 - spatial, 3):
-            dilation = self.dilation[axis]
-            if self.padding == "valid":
+            dilation = self.dilation_3d[axis]
+            if self.padding_3d == "valid":
                 low = high = 0
-            elif self.padding == "same":
-                total = dilation * (self.kernel_size - 1)
+            elif self.padding_3d == "same":
+                total = dilation * (k - 1)
                 low, high = total // 2, total - total // 2
             else:
-                low = high = self.padding[axis]
+                low = high = self.padding_3d[axis]
             pairs.append((low + low_extra * dilation, high + high_extra * dilation))
         if self.padding_mode == "zeros" and all(low == high for low, high in pairs):
             return x, [low for low, _ in pairs]
@@ -458,39 +492,44 @@ class CrossDConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        spatial = x.ndim - 2
-        stride, dilation = self.stride[3 - spatial:], self.dilation[3 - spatial:]
-        if spatial == 2 and self.rotation == "dynamic":
-            axis, angle = self._rotation_for_forward(x)
-            operator = self._plane_operator(axis, angle)
-            x, padding = self._pad(x, self._support)
-            kernels = self._support_kernels().flatten(2)
-            size = (self._support,) * 2
-            out_size = [(n + 2 * p - d * (self._support - 1) - 1) // s + 1
-                        for n, p, d, s in zip(x.shape[2:], padding, dilation, stride, strict=True)]
-            if self.groups == 1 and out_size[0] * out_size[1] < MIXED_TAPS_BELOW:
-                function, options = _MixedTapConv2d, (stride, padding, dilation, size, out_size)
-            else:
-                function, options = _PerSampleConv2d, (stride, padding, dilation, self.groups, size)
-            return _apply_in_one_dtype(function, x, operator, kernels, self.bias, *options)
-        kernel = self._cached_static_kernel(spatial)
-        x, padding = self._pad(x, kernel.shape[-1])
-        conv = F.conv2d if spatial == 2 else F.conv3d
-        return conv(x, kernel, self.bias, stride, padding, dilation, self.groups)
+        if x.ndim == 5:
+            kernel = self._cached_static_kernel(3)
+            x, padding = self._pad(x, kernel.shape[-1])
+            return F.conv3d(x, kernel, self.bias, self.stride_3d, padding, self.dilation_3d, self.groups)
+        if self.rotation == "dynamic":
+            return self._dynamic_forward(x)
+        weight = self.weight
+        x, padding = self._pad(x, weight.shape[-1])
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """2D forward with a rotation per sample: kernels built per sample, or input taps mixed."""
+        axis, angle = self._rotation_for_forward(x)
+        operator = self._plane_operator(axis, angle)
+        x, padding = self._pad(x, self._support)
+        kernels = self._support_kernels().flatten(2)
+        size = (self._support,) * 2
+        out_size = [(n + 2 * p - d * (self._support - 1) - 1) // s + 1
+                    for n, p, d, s in zip(x.shape[2:], padding, self.dilation, self.stride, strict=True)]
+        if self.groups == 1 and out_size[0] * out_size[1] < MIXED_TAPS_BELOW:
+            function, options = _MixedTapConv2d, (self.stride, padding, self.dilation, size, out_size)
+        else:
+            function, options = _PerSampleConv2d, (self.stride, padding, self.dilation, self.groups, size)
+        return _apply_in_one_dtype(function, x, operator, kernels, self.bias, *options)
 
     def extra_repr(self) -> str:
-        text = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, rotation={self.rotation!r}, rotation_mode={self.rotation_mode!r}"
-        )
-        if self.dilation != (1, 1, 1):
-            text += f", dilation={self.dilation}"
-        if self.groups != 1:
-            text += f", groups={self.groups}"
-        if self.bias is None:
-            text += ", bias=False"
-        if self.padding_mode != "zeros":
-            text += f", padding_mode={self.padding_mode!r}"
+        text = super().extra_repr()
+        depth = {"stride_3d": self.stride[:1] + self.stride, "dilation_3d": self.dilation[:1] + self.dilation,
+                 "padding_3d": self.padding if isinstance(self.padding, str) else self.padding[:1] + self.padding}
+        for name, copied in depth.items():
+            if getattr(self, name) != copied:  # a depth unlike h was asked for
+                text += f", {name}={getattr(self, name)}"
+        if self.rotation != "none":
+            text += f", rotation={self.rotation!r}"
+        if self.rotation_per_channel:
+            text += ", rotation_per_channel=True"
+        if self.rotation_mode != "fourier":
+            text += f", rotation_mode={self.rotation_mode!r}"
         if self.kernel_support is not None:
             text += f", kernel_support={self.kernel_support}"
         return text

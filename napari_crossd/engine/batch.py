@@ -18,7 +18,8 @@ import numpy as np
 from torch import nn
 
 from ..io import Volume, read_volume, write_volume
-from ..io.volumes import SUFFIXES, strided_grid, volume_suffix
+from ..io.grids import strided_grid
+from ..io.volumes import SUFFIXES, volume_suffix
 from .cluster import DEFAULT_BLOCK, features_on_cluster_job, segment_on_cluster_job
 from .features import features_job, pca_rgb
 from .jobs import Job, Progress, named_job

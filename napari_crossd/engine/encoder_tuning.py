@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.inspect import input_channels
 from .annotations import Annotations
 from .devices import autocast
 from .features import feature_channels
 from .jobs import Job, Progress
 from .normalize import IntensityStats, intensity_stats, network_input, unit_intensity
-from .pyramid import Pyramid, _encoded_shape, _far_padding, _resample, forward_levels, input_channels, spacing_scale
+from .pyramid import Pyramid, _encoded_shape, _far_padding, _resample, forward_levels, spacing_scale
 from .pyramid import default_levels as _default_levels
 
 __all__ = ["tune_encoder_job"]
@@ -41,7 +42,7 @@ class _Crops:
         deepest = max(self.strides)
         self.size = [min(n, max(deepest, math.ceil(crop / s))) for n, s in zip(volume.shape, scale, strict=True)]
         self.channels = input_channels(encoder)
-        self.normalization = encoder.crossd_meta.get("normalization")
+        self.normalization = encoder.crossd_meta.normalization
 
     def box(self, centre: np.ndarray) -> tuple[slice, ...]:
         starts = [int(min(max(0, c - n // 2), total - n)) for c, n, total in zip(centre, self.size, self.volume.shape,

@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io import load_model
+from ..models.inflate import inflate
+from ..models.meta import model_meta
 from .devices import resolve_device
 from .jobs import Job, Progress, run_job
 from .normalize import IntensityStats, check_volume, intensity_stats
@@ -51,11 +54,8 @@ def prepare_model(
     Returns:
         The 3D network in eval mode, with ``crossd_meta``.
     """
-    from ..io import load_model
-    from ..models.inflate import inflate
-
     model = source if isinstance(source, nn.Module) else load_model(source, arch=arch)
-    if getattr(model, "crossd_meta", {}).get("spatial_dims") != 3:
+    if model_meta(model).spatial_dims != 3:
         model = inflate(model, strategy=strategy, official_shift=official_shift)
     return model.eval()
 
@@ -67,7 +67,7 @@ def require_3d(model: nn.Module) -> None:
             f"{type(model).__name__} has no forward_features/feature_info: use a backbone from "
             "napari_crossd.models (build_model, load_model)."
         )
-    if getattr(model, "crossd_meta", {}).get("spatial_dims") != 3:
+    if model_meta(model).spatial_dims != 3:
         raise ValueError(
             "The model is 2D: inflate it first (napari_crossd.engine.prepare_model or napari_crossd.inflate)."
         )

@@ -30,8 +30,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["PRESETS", "IntensityStats", "check_volume", "intensity_stats", "network_input"]
+from ..models.inspect import input_channels
+from ..models.meta import Normalization, model_meta
+
+__all__ = ["PRESETS", "IntensityStats", "check_volume", "intensity_stats", "network_input", "network_volume"]
 
 PRESETS = ("auto", "ct", "mr", "microscopy", "checkpoint")
 CT_WINDOW = (-1000.0, 1000.0)
@@ -149,22 +153,37 @@ def unit_intensity(block, stats: IntensityStats) -> torch.Tensor:
     return (tensor - stats.low) / (stats.high - stats.low)
 
 
-def network_input(unit: torch.Tensor, stats: IntensityStats, normalization: dict | None, channels: int) -> torch.Tensor:
+def network_input(
+    unit: torch.Tensor, stats: IntensityStats, normalization: Normalization | None, channels: int
+) -> torch.Tensor:
     """Network input ``(channels, *unit.shape)`` from :func:`unit_intensity` values.
 
     Args:
         unit: normalised grey values, any shape.
         stats: the volume's statistics (``"mr"`` skips the checkpoint's mean/std).
-        normalization: ``model.crossd_meta["normalization"]`` (``mean`` and ``std`` lists,
-            one per input channel), or None for none.
+        normalization: ``model.crossd_meta.normalization`` (``mean`` and ``std``, one
+            per input channel), or None for none.
         channels: input channels of the network's stem.
     """
     stacked = unit.unsqueeze(0).expand(channels, *unit.shape)
     if stats.preset == "mr" or not normalization:
         return stacked.contiguous()
-    mean = torch.tensor(normalization["mean"], dtype=unit.dtype)
-    std = torch.tensor(normalization["std"], dtype=unit.dtype)
+    mean = torch.tensor(normalization.mean, dtype=unit.dtype)
+    std = torch.tensor(normalization.std, dtype=unit.dtype)
     if mean.numel() != channels:
         mean, std = mean.mean().expand(channels), std.mean().expand(channels)
     view = (channels,) + (1,) * unit.dim()
     return (stacked - mean.view(view)) / std.view(view)
+
+
+def network_volume(volume, model: nn.Module, preset: str = "auto") -> torch.Tensor:
+    """A (Z, Y, X) volume as ``model``'s (C, Z, Y, X) input, normalised as the engine does.
+
+    The engine's own two stages (:func:`intensity_stats` over the whole volume, then
+    :func:`network_input`) with
+    the checkpoint's normalisation from ``model.crossd_meta``, repeated over the stem's
+    input channels. ValueError (from the engine) for non-3D, RGB or non-finite volumes.
+    """
+    stats = intensity_stats(volume, preset)
+    normalization = model_meta(model).normalization
+    return network_input(unit_intensity(np.asarray(volume), stats), stats, normalization, input_channels(model))

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.inspect import input_channels
+from ..models.meta import model_meta
 from .devices import autocast, is_out_of_memory, release_memory
 from .filters import FILTER_SETS, filter_bank, filter_box, filter_halo, filter_names
 from .jobs import Job, Progress
@@ -43,7 +45,6 @@ __all__ = [
     "default_tile",
     "encode_job",
     "forward_levels",
-    "input_channels",
     "network_on",
     "spacing_scale",
 ]
@@ -111,14 +112,6 @@ def network_on(model: nn.Module, device: torch.device) -> nn.Module:
 def default_levels(model: nn.Module, max_stride: int = 8) -> list[int]:
     """Levels with stride up to ``max_stride``: fine enough for voxel-wise work, and cheap."""
     return [i for i, info in enumerate(model.feature_info) if info["reduction"] <= max_stride]
-
-
-def input_channels(model: nn.Module) -> int:
-    """Input channels of the network's first convolution."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return module.in_channels
-    raise ValueError("The model has no convolution: cannot tell how many input channels it takes.")
 
 
 def default_tile(device: torch.device, stride: int) -> int:
@@ -401,44 +394,50 @@ def encode_job(
     padded = tuple(math.ceil(n / grid) * grid for n in encoded_shape)
     intensity = F.pad(unit, _far_padding(encoded_shape, padded))
     channels = input_channels(model)
-    normalization = getattr(model, "crossd_meta", {}).get("normalization")
+    normalization = model_meta(model).normalization
 
     if not levels:  # the grey values alone: nothing to run
         return Pyramid([], [], intensity, source_shape, scale, stats=stats)
+    levels_out = yield from _tiles_that_fit(
+        model, intensity, encoded_shape, stats, normalization, channels, levels, strides, tile, overlap, batch, device
+    )
+    return Pyramid(levels_out, strides, intensity, source_shape, scale, stats=stats)
+
+
+def _smaller_run(tile: int, batch: int, device: torch.device, deepest: int) -> tuple | None:
+    """After running out of memory: half the batch, else a quarter off the tile (down to
+    :data:`_MIN_TILE_STRIDES` deepest strides), else the CPU; None when none is left."""
+    if batch > 1:
+        return tile, batch // 2, device
+    if tile > _MIN_TILE_STRIDES * deepest:
+        return max(_MIN_TILE_STRIDES * deepest, (tile * 3 // 4) // deepest * deepest), batch, device
+    if device.type != "cpu":
+        return tile, batch, torch.device("cpu")
+    return None
+
+
+def _tiles_that_fit(
+    model, intensity, encoded_shape, stats, normalization, channels, levels, strides, tile, overlap, batch, device
+):
+    """:func:`_tiles` with ``model`` on ``device``, started over smaller each time it runs out of memory."""
     runner = network_on(model, device)
     try:
         while True:
             try:
-                levels_out = yield from _tiles(
-                    runner,
-                    intensity,
-                    encoded_shape,
-                    stats,
-                    normalization,
-                    channels,
-                    levels,
-                    strides,
-                    tile,
-                    overlap,
-                    batch,
-                    device,
-                )
-                break
+                return (yield from _tiles(runner, intensity, encoded_shape, stats, normalization, channels, levels,
+                                          strides, tile, overlap, batch, device))
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
                 release_memory(device)
                 old = f"tile {tile}, batch {batch} on {device}"
-                if batch > 1:
-                    batch //= 2
-                elif tile > _MIN_TILE_STRIDES * deepest:
-                    tile = max(_MIN_TILE_STRIDES * deepest, (tile * 3 // 4) // deepest * deepest)
-                elif device.type != "cpu":
-                    device = torch.device("cpu")
-                    runner = network_on(model, device)
-                    release_memory(device)
-                else:
+                smaller = _smaller_run(tile, batch, device, max(strides))
+                if smaller is None:
                     raise
+                if smaller[2] != device:
+                    runner = network_on(model, smaller[2])
+                    release_memory(smaller[2])
+                tile, batch, device = smaller
                 yield Progress(
                     0, None, f"out of memory with {old}: retrying with tile {tile}, batch {batch} on {device}",
                     phase="encode",
@@ -446,7 +445,6 @@ def encode_job(
     finally:
         del runner
         release_memory(device)
-    return Pyramid(levels_out, strides, intensity, source_shape, scale, stats=stats)
 
 
 def _tiles(

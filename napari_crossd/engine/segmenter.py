@@ -28,6 +28,7 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import GroupKFold
 from torch import nn
 
+from ..io import load_model, save_model
 from ..io.atomic import atomic_directory
 from .annotations import Annotations
 from .classifier import ForestClassifier
@@ -147,7 +148,7 @@ class Segmenter:
             "preset": self.preset,
             "classifier": self.classifier.config(),
             "trained_voxels": self.trained_voxels,
-            "encoder": dict(self.encoder.crossd_meta),
+            "encoder": self.encoder.crossd_meta.to_dict(),
         }
 
 
@@ -477,8 +478,6 @@ def save_segmenter(segmenter: Segmenter, directory: str | Path) -> list[Path]:
     Returns:
         The paths written.
     """
-    from ..io import save_model
-
     if not segmenter.trained:
         raise ValueError("Nothing to save: the segmenter is untrained.")
     directory = Path(directory)
@@ -513,8 +512,6 @@ def _read_config(directory: Path) -> dict:
 
 def load_segmenter(directory: str | Path) -> Segmenter:
     """Rebuild a :class:`Segmenter` that :func:`save_segmenter` wrote."""
-    from ..io import load_model
-
     directory = Path(directory)
     config = _read_config(directory)
     encoder = load_model(directory / ENCODER_FILE)

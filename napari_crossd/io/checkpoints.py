@@ -15,7 +15,7 @@ import json
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import safetensors
@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from napari_crossd.models.crossd import convert_to_crossd
+from napari_crossd.models.inflate import inflate
+from napari_crossd.models.meta import ModelMeta, Normalization
 from napari_crossd.models.registry import (
     ARCHITECTURES,
     CROSSD_PREFIX,
@@ -250,7 +252,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _read_saved_meta(path: Path) -> dict | None:
+def _read_saved_meta(path: Path) -> ModelMeta | None:
     """Metadata written by :func:`save_model`: the JSON sidecar, else the safetensors header."""
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
         return None
@@ -262,10 +264,20 @@ def _read_saved_meta(path: Path) -> dict | None:
             raise ValueError(f"Metadata file {sidecar} is not valid JSON: {err}") from None
         # A same-stem JSON written by another tool is not ours; ignore it.
         if isinstance(meta, dict) and "arch" in meta:
-            return meta
+            return _saved_meta(meta, sidecar)
     with safetensors.safe_open(path, framework="pt") as f:
         header = (f.metadata() or {}).get("napari_crossd")
-    return json.loads(header) if header else None
+    return _saved_meta(json.loads(header), path) if header else None
+
+
+def _saved_meta(data: dict, source: Path) -> ModelMeta:
+    try:
+        meta = ModelMeta.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+    if meta.arch not in ARCHITECTURES:
+        raise ValueError(f"{source}: saved architecture {meta.arch!r} is not one of {', '.join(ARCHITECTURES)}.")
+    return meta
 
 
 @dataclass(frozen=True)
@@ -301,7 +313,7 @@ def _load_exact(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     diff = diff_state_dict(state_dict, expected, extra_words=extra_words)
     if not diff.exact:
-        raise ValueError(f"{source} does not fit {model.crossd_meta['arch']}: {diff.describe()}.")
+        raise ValueError(f"{source} does not fit {model.crossd_meta.arch}: {diff.describe()}.")
     # Strict loading of what the model has: BatchNorm fills in a missing step counter.
     loaded = {k: v for k, v in state_dict.items() if k in expected}
     model.load_state_dict(loaded, strict=True)
@@ -354,7 +366,7 @@ def load_model_with_report(path: str | Path, arch: str = "auto", **kwargs) -> tu
     """:func:`load_model`, plus the :class:`LoadReport` of what was and was not copied.
 
     Official Cross-D checkpoints come in the official code's layout (every convolution
-    Cross-D, 1x1 shortcuts included), recorded as ``crossd_meta["crossd_pointwise"] =
+    Cross-D, 1x1 shortcuts included), recorded as ``crossd_meta.crossd_pointwise =
     True``, and may hold tensors that the official evaluation drops
     (:data:`OFFICIAL_EXTRA_WORDS`): those are left out and listed in ``ignored``.
 
@@ -364,56 +376,49 @@ def load_model_with_report(path: str | Path, arch: str = "auto", **kwargs) -> tu
     path = named_checkpoint(path)
     source = str(path)
     state_dict = load_state_dict_file(path)
-    meta, options = _describe_checkpoint(path, state_dict, arch)
+    described, options = _describe_checkpoint(path, state_dict, arch)
     options.update(kwargs)
 
-    model = build_model(meta["arch"], _num_classes(state_dict, meta["arch"], source), **options)
-    if meta.get("crossd_pointwise"):
-        convert_to_crossd(model, model.crossd_meta["rotation"], model.crossd_meta["rotation_mode"], pointwise=True)
-    if meta.get("spatial_dims") == 3:
-        # Lazy import: inflation is only needed for checkpoints of inflated networks.
-        from napari_crossd.models.inflate import inflate
-
-        inflation = ("strategy", "official_shift", "depth_preserving_stages")
-        model = inflate(model, **{k: meta[k] for k in inflation if k in meta})
-    official = meta["format"] == "crossd_official"
+    model = build_model(described.arch, _num_classes(state_dict, described.arch, source), **options)
+    if described.crossd_pointwise:
+        convert_to_crossd(model, model.crossd_meta.rotation, model.crossd_meta.rotation_mode, pointwise=True)
+    if described.spatial_dims == 3:
+        model = inflate(model, **described.inflation())
+    official = described.format == "crossd_official"
     report = _load_exact(model, state_dict, source, OFFICIAL_EXTRA_WORDS if official else ())
-
-    if "normalization" not in meta:
-        meta["normalization"] = dict(RADIMAGENET_NORMALIZATION if official else IMAGENET_NORMALIZATION)
-    model.crossd_meta = {**model.crossd_meta, **meta, **options}
+    # The built network knows its geometry and settings; the file, what its weights are.
+    model.crossd_meta = replace(
+        model.crossd_meta,
+        format=described.format,
+        normalization=described.normalization or (RADIMAGENET_NORMALIZATION if official else IMAGENET_NORMALIZATION),
+        crossd_pointwise=described.crossd_pointwise,
+        class_names=described.class_names,
+        training=described.training,
+        stored_dtype=described.stored_dtype,
+    )
     return model.eval(), report
 
 
-def _describe_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], arch: str) -> tuple[dict, dict]:
+def _describe_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], arch: str) -> tuple[ModelMeta, dict]:
     """The metadata of a checkpoint (saved by us, else detected) and its build options."""
     source = str(path)
     saved = _read_saved_meta(path)
     if saved is not None:
-        meta = dict(saved)
-        if meta.get("arch") not in ARCHITECTURES:
-            raise ValueError(
-                f"{source}: saved architecture {meta.get('arch')!r} is not one of {', '.join(ARCHITECTURES)}."
-            )
-        if arch not in ("auto", meta["arch"]):
-            raise ValueError(f"{source} holds a {meta['arch']}, not the requested {arch}.")
-        options = {k: meta[k] for k in ("rotation", "rotation_mode") if k in meta}
+        if arch not in ("auto", saved.arch):
+            raise ValueError(f"{source} holds a {saved.arch}, not the requested {arch}.")
+        options = {k: v for k, v in (("rotation", saved.rotation), ("rotation_mode", saved.rotation_mode)) if v}
+        return saved, options
+    if arch == "auto":
+        match = detect_architecture(state_dict)
     else:
-        if arch == "auto":
-            match = detect_architecture(state_dict)
-        else:
-            match = match_architecture(state_dict, arch)
-            if not match.diff.exact:
-                raise ValueError(f"{source} does not fit {arch}: {match.diff.describe()}.")
-        meta = {"arch": match.arch, "format": "torchvision"}
-        options = {}
-        if match.arch.startswith(CROSSD_PREFIX):
-            # Outside this project, weights_3d checkpoints come from the official code.
-            meta["format"] = "crossd_official"
-            options = {"rotation": match.rotation, "rotation_mode": "reference"}
-            if match.pointwise:
-                meta["crossd_pointwise"] = True
-    return meta, options
+        match = match_architecture(state_dict, arch)
+        if not match.diff.exact:
+            raise ValueError(f"{source} does not fit {arch}: {match.diff.describe()}.")
+    if not match.arch.startswith(CROSSD_PREFIX):
+        return ModelMeta(match.arch), {}
+    # Outside this project, weights_3d checkpoints come from the official code.
+    detected = ModelMeta(match.arch, format="crossd_official", crossd_pointwise=bool(match.pointwise))
+    return detected, {"rotation": match.rotation, "rotation_mode": "reference"}
 
 
 def save_model(
@@ -421,7 +426,7 @@ def save_model(
     path: str | Path,
     *,
     class_names: list[str] | None = None,
-    normalization: dict | None = None,
+    normalization: Normalization | None = None,
 ) -> list[Path]:
     """Write a model as ``.safetensors`` plus a JSON sidecar that lets :func:`load_model` rebuild it.
 
@@ -436,41 +441,36 @@ def save_model(
         path: destination; ``.safetensors`` is appended when there is no suffix.
         class_names: names of the output classes, in order (kept from
             ``crossd_meta`` when omitted).
-        normalization: ``{"name", "mean", "std"}`` the model expects (kept from
-            ``crossd_meta`` when omitted; ImageNet statistics by default).
+        normalization: what the model expects on input (kept from ``crossd_meta`` when
+            omitted; ImageNet statistics by default).
 
     Returns:
         The paths written: ``[weights, sidecar]``.
 
     Raises:
-        ValueError: the model has no registered ``crossd_meta["arch"]``, the suffix is
-            not ``.safetensors``, or the metadata is not JSON-serialisable.
+        ValueError: the model has no registered ``crossd_meta.arch``, or the suffix is
+            not ``.safetensors``.
     """
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(SAFETENSORS_SUFFIX)
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
         raise ValueError(f"save_model writes {SAFETENSORS_SUFFIX} files, got {path.name!r}.")
-    meta = dict(getattr(model, "crossd_meta", {}))
-    if meta.get("arch") not in ARCHITECTURES:
+    meta = getattr(model, "crossd_meta", None)
+    if not isinstance(meta, ModelMeta) or meta.arch not in ARCHITECTURES:
         raise ValueError(
-            "save_model needs a model whose crossd_meta['arch'] is one of "
+            "save_model needs a model whose crossd_meta.arch is one of "
             f"{', '.join(ARCHITECTURES)} (build it with build_model or load_model); "
-            f"got {meta.get('arch')!r}."
+            f"got {getattr(meta, 'arch', meta)!r}."
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta["num_classes"] = _num_classes(state, meta["arch"], "model")
+    meta = replace(meta, num_classes=_num_classes(state, meta.arch, "model"))
     if class_names is not None:
-        if len(class_names) != meta["num_classes"]:
-            raise ValueError(f"{len(class_names)} class names for a head with {meta['num_classes']} outputs.")
-        meta["class_names"] = list(class_names)
-    if normalization is not None:
-        meta["normalization"] = dict(normalization)
-    meta.setdefault("normalization", dict(IMAGENET_NORMALIZATION))
-    try:
-        text = json.dumps(meta, indent=2)
-    except TypeError as err:
-        raise ValueError(f"model.crossd_meta is not JSON-serialisable: {err}") from None
+        if len(class_names) != meta.num_classes:
+            raise ValueError(f"{len(class_names)} class names for a head with {meta.num_classes} outputs.")
+        meta = replace(meta, class_names=tuple(class_names))
+    meta = replace(meta, normalization=normalization or meta.normalization or IMAGENET_NORMALIZATION)
+    text = meta.to_json()
 
     sidecar = _sidecar(path)
     # Both files are renamed into place only once both are written: a failed save leaves

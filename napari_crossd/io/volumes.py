@@ -18,31 +18,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import tifffile
 
 from .atomic import atomic_path
 
-__all__ = ["SUFFIXES", "Volume", "canonical_zyx", "read_volume", "strided_grid", "volume_suffix", "write_volume"]
+__all__ = ["SUFFIXES", "Volume", "read_volume", "volume_suffix", "write_volume"]
 
 SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff", ".npy")
-
-
-def canonical_zyx(image: nib.Nifti1Image) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    """A NIfTI image reoriented for viewing: ``(data, spacing, canonical affine)``.
-
-    Unlike :func:`read_volume` (which keeps the file's own grid), the image is reoriented to
-    the closest canonical (RAS+) orientation and its axes reversed to (Z, Y, X) = (S, A, R),
-    so that the last two axes are axial slices. A 4D image keeps its fourth axis first:
-    (T, Z, Y, X). ``spacing`` is the canonical zooms in (Z, Y, X) order.
-    """
-    canonical = nib.as_closest_canonical(image)
-    data = np.asanyarray(canonical.dataobj)
-    if data.ndim not in (3, 4):
-        raise ValueError(f"Expected a 3D or 4D NIfTI image; got shape {data.shape}.")
-    if data.ndim == 4:
-        data = np.moveaxis(data, 3, 0)
-    data = np.ascontiguousarray(np.swapaxes(data, -1, -3))
-    zooms = canonical.header.get_zooms()[:3]
-    return data, tuple(float(z) for z in zooms[::-1]), np.asarray(canonical.affine, dtype=float)
 
 
 def volume_suffix(path: Path) -> str:
@@ -93,8 +75,6 @@ def read_volume(path: str | Path, spacing: tuple[float, float, float] | None = N
         elif suffix == ".npy":
             data = np.load(path, mmap_mode="r", allow_pickle=False)
         else:
-            import tifffile
-
             try:
                 data = tifffile.memmap(path, mode="r")
             except ValueError:  # compressed or tiled: not memory-mappable
@@ -104,17 +84,6 @@ def read_volume(path: str | Path, spacing: tuple[float, float, float] | None = N
     if data.ndim != 3:
         raise ValueError(f"{path.name}: expected a 3D volume (Z, Y, X), got shape {data.shape}.")
     return Volume(data, spacing, path, image)
-
-
-def strided_grid(volume: Volume, stride: int) -> Volume:
-    """The grid of one voxel per ``stride``-cube of ``volume``, sampled at the cube's centre
-    (what features at a stride are written on)."""
-    spacing = tuple(s * stride for s in volume.spacing) if volume.spacing else None
-    if volume.nifti is None:
-        return Volume(volume.data, spacing, volume.path)
-    scaled = volume.nifti.affine @ np.diag([stride, stride, stride, 1.0])
-    scaled[:3, 3] = volume.nifti.affine[:3, :3] @ np.full(3, (stride - 1) / 2) + volume.nifti.affine[:3, 3]
-    return Volume(volume.data, spacing, volume.path, nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), scaled))
 
 
 def _nifti_like(data: np.ndarray, like: Volume | None) -> nib.Nifti1Image:
@@ -154,7 +123,5 @@ def write_volume(path: str | Path, data: np.ndarray, like: Volume | None = None)
             with open(partial, "wb") as handle:
                 np.save(handle, data)
         else:
-            import tifffile
-
             tifffile.imwrite(partial, data)
     return path

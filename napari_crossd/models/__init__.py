@@ -1,6 +1,7 @@
 """Backbones with torchvision-compatible parameter names, their Cross-D variants, and 2D->3D inflation."""
 
 from .crossd import convert_to_crossd, crossd_from_conv2d
+from .meta import ModelMeta, Normalization, TrainingRecord
 from .mobilenet import MobileNetV2, mobilenet_v2
 from .registry import (
     ARCHITECTURES,
@@ -17,7 +18,10 @@ __all__ = [
     "IMAGENET_NORMALIZATION",
     "RADIMAGENET_NORMALIZATION",
     "MobileNetV2",
+    "ModelMeta",
+    "Normalization",
     "ResNet",
+    "TrainingRecord",
     "build_model",
     "convert_to_crossd",
     "crossd_from_conv2d",

@@ -57,12 +57,14 @@ import copy
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from napari_crossd.core import CrossDConv, rotation_operator, static_kernels
+
+from .meta import ModelMeta, model_meta
 
 __all__ = ["OFFICIAL_SHIFTS", "STRATEGIES", "inflate"]
 
@@ -125,8 +127,8 @@ def inflate(
             (its output size is what the head expects).
 
     Returns:
-        The 3D network, in the train/eval mode of ``model``. Its ``crossd_meta`` dict
-        (copied from ``model``, created if absent) records ``strategy``,
+        The 3D network, in the train/eval mode of ``model``. Its ``crossd_meta`` (a copy of
+        ``model``'s, or one with ``arch=None`` if it has none) records ``strategy``,
         ``official_shift``, ``depth_preserving_stages`` and ``spatial_dims=3``.
 
     Raises:
@@ -146,20 +148,15 @@ def inflate(
         raise ValueError(f"depth_preserving_stages must be an int >= 0; got {depth_preserving_stages!r}")
     if depth_preserving_stages < 0:
         raise ValueError(f"depth_preserving_stages must be >= 0; got {depth_preserving_stages}")
-    meta = getattr(model, "crossd_meta", {})
-    if not isinstance(meta, dict):
-        raise ValueError(f"model.crossd_meta must be a dict; got {type(meta).__name__}")
+    meta = model_meta(model)
+    if not isinstance(meta, ModelMeta):
+        raise ValueError(f"model.crossd_meta must be a ModelMeta; got {type(meta).__name__}")
 
     copied = copy.deepcopy(model)
     flat = _depth_preserving_layers(copied, depth_preserving_stages)
     inflated = _Inflater(strategy, official_shift, flat).convert(copied, "")
-    inflated.crossd_meta = {
-        **copy.deepcopy(meta),
-        "strategy": strategy,
-        "official_shift": official_shift,
-        "depth_preserving_stages": depth_preserving_stages,
-        "spatial_dims": 3,
-    }
+    inflated.crossd_meta = replace(meta, strategy=strategy, official_shift=official_shift,
+                                   depth_preserving_stages=depth_preserving_stages, spatial_dims=3)
     return inflated
 
 
@@ -245,11 +242,10 @@ def _depth_preserving_layers(model: nn.Module, stages: int) -> set[int]:
     if stages == 0:
         return set()
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _GEOMETRY_TYPES)}
-    first_conv = next((m for m in layers.values() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, CrossDConv))), None)
+    first_conv = next((m for m in layers.values() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))), None)
     if first_conv is None:
         raise ValueError("depth_preserving_stages needs a convolution to size the probe image; found none")
-    reference = first_conv.weights_3d if isinstance(first_conv, CrossDConv) else first_conv.weight
-    probe = reference.new_zeros(1, first_conv.in_channels, _PROBE_SIZE, _PROBE_SIZE)
+    probe = first_conv.weight.new_zeros(1, first_conv.in_channels, _PROBE_SIZE, _PROBE_SIZE)
 
     levels: dict[int, int] = {}
 
@@ -316,8 +312,6 @@ class _Inflater:
         where = f"{path or '<root>'} ({type(module).__qualname__})"
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"cannot inflate {where}: run a forward pass to initialise the lazy layer")
-        if isinstance(module, CrossDConv):
-            return self._crossd_conv(module, where)
         for base, converter in _CONVERTERS:
             if isinstance(module, base):
                 if type(module).forward is not base.forward:
@@ -387,10 +381,11 @@ class _Inflater:
         return _with_weights(conv, kernel, m.weight, m.bias)
 
     def _crossd_conv(self, m: CrossDConv, where: str) -> nn.Conv3d:
-        size = m.kernel_support or m.kernel_size
-        if (size - m.kernel_size) % 2:
+        k = m.kernel_size[0]
+        size = m.kernel_support or k
+        if (size - k) % 2:
             raise ValueError(
-                f"cannot inflate {where}: kernel_size {m.kernel_size} padded to kernel_support {size} "
+                f"cannot inflate {where}: kernel_size {k} padded to kernel_support {size} "
                 "is padded unevenly, which nn.Conv3d cannot express"
             )
         weights = m.weights_3d.detach()
@@ -399,12 +394,12 @@ class _Inflater:
         rotation = m.rotation_vector.detach() if m.rotation == "static" else None
         weights = static_kernels(weights, rotation, support=m.kernel_support)
         # The support grows the kernel symmetrically; the padding grows with it (as CrossDConv does).
-        extra = (size - m.kernel_size) // 2
-        padding = m.padding
+        extra = (size - k) // 2
+        padding = m.padding_3d
         if padding != "same":
             base = (0, 0, 0) if padding == "valid" else padding
-            padding = tuple(p + extra * d for p, d in zip(base, m.dilation, strict=True))
-        stride, dilation = m.stride, m.dilation
+            padding = tuple(p + extra * d for p, d in zip(base, m.dilation_3d, strict=True))
+        stride, dilation = m.stride_3d, m.dilation_3d
         if self._is_flat(m):
             weights = weights[:, :, size // 2 : size // 2 + 1]
             stride, dilation = (1, *stride[1:]), (1, *dilation[1:])
@@ -553,8 +548,10 @@ _PADS = {
     nn.ReplicationPad2d: nn.ReplicationPad3d,
     nn.CircularPad2d: nn.CircularPad3d,
 }
-# Base class -> converter; the first match wins. A subclass that overrides forward is refused.
+# Base class -> converter; the first match wins. A subclass that overrides forward is refused:
+# CrossDConv, an nn.Conv2d with its own forward, comes first.
 _CONVERTERS: tuple[tuple[type[nn.Module], Callable[[_Inflater, nn.Module, str], nn.Module]], ...] = (
+    (CrossDConv, _Inflater._crossd_conv),
     (nn.Conv2d, _Inflater._conv),
     (nn.ConvTranspose2d, _Inflater._conv_transpose),
     (nn.BatchNorm2d, _Inflater._batch_norm),
@@ -576,7 +573,6 @@ _CONVERTERS: tuple[tuple[type[nn.Module], Callable[[_Inflater, nn.Module, str], 
 _GEOMETRY_TYPES = (
     nn.Conv2d,
     nn.ConvTranspose2d,
-    CrossDConv,
     nn.MaxPool2d,
     nn.AvgPool2d,
     nn.LPPool2d,

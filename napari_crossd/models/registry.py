@@ -1,32 +1,20 @@
 """Architecture registry: names -> constructors, plus the metadata every model carries.
 
-Every model made here gets a ``crossd_meta`` dict attribute that travels with it through
-loading, inflation and saving (see :func:`napari_crossd.io.save_model`). Keys set here:
-
-- ``arch``: a name from :data:`ARCHITECTURES`.
-- ``format``: parameter layout of the weights: ``"torchvision"`` (plain convolutions),
-  ``"crossd"`` (Cross-D layers built by this project) or ``"crossd_official"`` (a
-  checkpoint from github.com/convergedmachine/Cross-D-Conv).
-- ``num_classes``: width of the classification head.
-- ``normalization``: ``{"name", "mean", "std"}`` the weights expect on input.
-- ``rotation``, ``rotation_mode``: Cross-D settings (``crossd_*`` architectures only).
-
-Loading (:func:`napari_crossd.io.load_model`) adds ``crossd_pointwise``: True when a
-Cross-D ResNet checkpoint converted its 1x1 convolutions too (the official layout; see
-:func:`napari_crossd.models.crossd.convert_to_crossd`'s ``pointwise``).
-
-:func:`napari_crossd.models.inflate.inflate` adds ``strategy``, ``official_shift``,
-``depth_preserving_stages`` and ``spatial_dims``.
+Every model made here gets a :class:`~napari_crossd.models.meta.ModelMeta` as its
+``crossd_meta`` attribute, which travels with it through loading, inflation and saving (see
+:func:`napari_crossd.io.save_model`): here its ``arch``, ``format``, ``num_classes``,
+``normalization`` and, for Cross-D architectures, ``rotation`` and ``rotation_mode``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from .crossd import convert_to_crossd
+from .meta import ModelMeta, Normalization
 from .mobilenet import mobilenet_v2
 from .resnet import resnet18, resnet34, resnet50
 
@@ -43,18 +31,10 @@ __all__ = [
 CROSSD_PREFIX = "crossd_"
 
 # torchvision's ImageNet statistics (RGB, on images scaled to [0, 1]).
-IMAGENET_NORMALIZATION = {
-    "name": "imagenet",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-}
+IMAGENET_NORMALIZATION = Normalization("imagenet", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # What the official Cross-D evaluation scripts apply to RadImageNet-pretrained weights,
 # after min-max scaling each image to [0, 1] (grey values repeated over 3 channels).
-RADIMAGENET_NORMALIZATION = {
-    "name": "radimagenet",
-    "mean": [0.3162, 0.3162, 0.3162],
-    "std": [0.3213, 0.3213, 0.3213],
-}
+RADIMAGENET_NORMALIZATION = Normalization("radimagenet", mean=(0.3162,) * 3, std=(0.3213,) * 3)
 
 
 @dataclass(frozen=True)
@@ -112,24 +92,17 @@ def build_model(
             ``dropout`` for MobileNetV2).
 
     Returns:
-        The 2D network in training mode, with a ``crossd_meta`` dict attribute.
+        The 2D network in training mode, with its ``crossd_meta``.
 
     Raises:
         ValueError: unknown ``arch``, or rotation options for a plain architecture.
     """
     spec = _backbone(arch)
     model = spec.builder(num_classes=num_classes, **kwargs)
-    meta = {
-        "arch": arch,
-        "format": "torchvision",
-        "num_classes": num_classes,
-        "normalization": dict(IMAGENET_NORMALIZATION),
-    }
+    meta = ModelMeta(arch, num_classes=num_classes, normalization=IMAGENET_NORMALIZATION)
     if arch.startswith(CROSSD_PREFIX):
-        meta["rotation"] = rotation or "dynamic"
-        meta["rotation_mode"] = rotation_mode or "fourier"
-        convert_to_crossd(model, meta["rotation"], meta["rotation_mode"])
-        meta["format"] = "crossd"
+        meta = replace(meta, format="crossd", rotation=rotation or "dynamic", rotation_mode=rotation_mode or "fourier")
+        convert_to_crossd(model, meta.rotation, meta.rotation_mode)
     elif rotation is not None or rotation_mode is not None:
         raise ValueError(
             f"rotation/rotation_mode apply to Cross-D architectures only; use "

@@ -20,16 +20,19 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import tifffile
 import torch
 import torch.nn.functional as F
+from skimage import io as skio
 from torch.utils.data import Dataset
 
+from ..io.samples import FASHION_MNIST_ROOT
 from ..io.volumes import read_volume
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_ROOT",
     "IMAGE_SUFFIXES",
     "FashionMNIST",
     "ImageFolder",
@@ -38,7 +41,6 @@ __all__ = [
     "read_idx",
 ]
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -123,19 +125,13 @@ def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
 def _read_image(path: Path) -> np.ndarray:
     suffix = _suffix(path)
     if suffix in (".nii", ".nii.gz"):
-        import nibabel as nib
-
         data = np.asanyarray(nib.load(path).dataobj)
         squeezed = np.squeeze(data)
         if squeezed.ndim != 2:
             raise ValueError(f"{path}: an image folder holds 2D NIfTI slices, got a volume of shape {data.shape}.")
         return squeezed
     if suffix in (".tif", ".tiff"):
-        import tifffile
-
         return tifffile.imread(path)
-    from skimage import io as skio
-
     return skio.imread(path)
 
 

@@ -38,7 +38,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from napari_crossd.io import save_model
 from napari_crossd.io.atomic import atomic_path
+from napari_crossd.models.meta import ModelMeta, Normalization, TrainingRecord
 from napari_crossd.models.registry import ARCHITECTURES, CROSSD_PREFIX, build_model
 
 from .data import open_dataset
@@ -396,10 +398,11 @@ def evaluate(model: nn.Module, data: str | Path = "fashion-mnist", split: str = 
     Returns:
         The fraction of images classified correctly.
     """
-    size = model.crossd_meta.get("training", {}).get("image_size")
+    meta = model.crossd_meta
+    size = meta.training.image_size if meta.training else None
     dataset = open_dataset(data, split, image_size=size, limit=limit)
-    norm = model.crossd_meta["normalization"]
-    mean, std = torch.tensor(norm["mean"]).view(1, 3, 1, 1), torch.tensor(norm["std"]).view(1, 3, 1, 1)
+    norm = meta.normalization
+    mean, std = torch.tensor(norm.mean).view(1, 3, 1, 1), torch.tensor(norm.std).view(1, 3, 1, 1)
     correct = 0
     model.eval()
     with torch.no_grad():
@@ -498,7 +501,7 @@ def _train(config: PretrainConfig, resume, ctx: _Context) -> list[dict]:
             break
 
     if config.save_every_rank:
-        _save_weights(run.model, {**run.meta, "normalization": data.normalization},
+        _save_weights(run.model, replace(run.meta, normalization=data.normalization),
                       out / f"rank{ctx.rank}.safetensors")
     return history
 
@@ -521,7 +524,7 @@ class _Data:
     val: object | None
     per_rank: int
     steps_per_epoch: int
-    normalization: dict
+    normalization: Normalization
     mean: torch.Tensor
     std: torch.Tensor
 
@@ -539,12 +542,12 @@ def _open_data(config: PretrainConfig, ctx: _Context, saved: dict | None) -> _Da
         raise ValueError(f"validation classes {val_set.classes} differ from training classes {train_set.classes}.")
     per_rank = _batch_per_rank(len(train_set), config.batch_size, ctx)
     if saved is not None:
-        normalization = saved["meta"]["normalization"]
+        normalization = ModelMeta.from_dict(saved["meta"]).normalization
     else:
         mean, std = train_set.mean_std()
-        normalization = {"name": f"pretrain:{Path(str(config.data)).name}", "mean": [mean] * 3, "std": [std] * 3}
-    mean = torch.tensor(normalization["mean"], device=ctx.device).view(1, 3, 1, 1)
-    std = torch.tensor(normalization["std"], device=ctx.device).view(1, 3, 1, 1)
+        normalization = Normalization(f"pretrain:{Path(str(config.data)).name}", mean=(mean,) * 3, std=(std,) * 3)
+    mean = torch.tensor(normalization.mean, device=ctx.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, device=ctx.device).view(1, 3, 1, 1)
     steps_per_epoch = len(train_set) // (per_rank * ctx.world)
     return _Data(train_set, val_set, per_rank, steps_per_epoch, normalization, mean, std)
 
@@ -567,7 +570,7 @@ class _Run:
     """What a step needs beyond the data: the model and how it is optimised."""
 
     model: nn.Module
-    meta: dict
+    meta: ModelMeta
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -584,7 +587,7 @@ def _build_run(config: PretrainConfig, ctx: _Context, data: _Data) -> _Run:
     # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
     torch.manual_seed(config.seed)
     model = _build_model(config, len(data.train.classes))
-    meta = dict(model.crossd_meta)
+    meta = model.crossd_meta
     if config.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
@@ -668,10 +671,10 @@ def _save_epoch(run: _Run, data: _Data, config: PretrainConfig, entry: dict, his
                 rng: dict[str, torch.Tensor], out: Path) -> None:
     """Rank 0 after an epoch: the checkpoint, the latest weights, the log line and the summary."""
     epoch = entry["epoch"]
-    meta = {**run.meta, "normalization": data.normalization, "class_names": list(data.train.classes),
-            "training": {"data": str(config.data), "epoch": epoch, "epochs": config.epochs,
-                         "image_size": data.train.image_size,
-                         **{k: v for k, v in entry.items() if k.endswith("accuracy")}}}
+    training = TrainingRecord(str(config.data), epoch, config.epochs, image_size=data.train.image_size,
+                              **{k: v for k, v in entry.items() if k.endswith("accuracy")})
+    meta = replace(run.meta, normalization=data.normalization, class_names=tuple(data.train.classes),
+                   training=training)
     state = {
         "format": CHECKPOINT_FORMAT,
         "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
@@ -682,7 +685,7 @@ def _save_epoch(run: _Run, data: _Data, config: PretrainConfig, entry: dict, his
         "step": entry["step"],
         "rng": rng,
         "config": asdict(config),
-        "meta": meta,
+        "meta": meta.to_dict(),
         "history": history,
     }
     with atomic_path(out / f"epoch_{epoch:04d}.pt") as partial:
@@ -698,9 +701,7 @@ def _save_epoch(run: _Run, data: _Data, config: PretrainConfig, entry: dict, his
           f"{entry['seconds']:.0f} s", flush=True)
 
 
-def _save_weights(model: nn.Module, meta: dict, path: Path) -> None:
-    from napari_crossd.io import save_model
-
+def _save_weights(model: nn.Module, meta: ModelMeta, path: Path) -> None:
     # save_model reads crossd_meta; SyncBatchNorm conversion keeps the module and its attribute.
     model.crossd_meta = meta
     save_model(model, path)

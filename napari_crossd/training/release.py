@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from napari_crossd.io import load_model, save_model
 
 __all__ = ["export_weights"]
 
@@ -31,12 +34,10 @@ def export_weights(src: str | Path, dest: str | Path, dtype: str = "float16") ->
     Raises:
         ValueError: unknown ``dtype``.
     """
-    from napari_crossd.io import load_model, save_model
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
     model = load_model(src)
     # Only the floating-point tensors: BatchNorm's num_batches_tracked stays an integer.
     model.to(_DTYPES[dtype])
-    model.crossd_meta = {**model.crossd_meta, "stored_dtype": dtype}
+    model.crossd_meta = replace(model.crossd_meta, stored_dtype=dtype)
     return save_model(model, dest)

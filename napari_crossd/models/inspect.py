@@ -1,4 +1,4 @@
-"""Numerics of the napari inspector: what a network's convolutions hold and do. No Qt.
+"""What a network's convolutions hold and do: the numerics of the napari inspector. No Qt.
 
 Axis order: kernels (C_out, C_in / groups, d, h, w) as :mod:`napari_crossd.core`;
 rotation vectors are axis-angle in radians, (d, h, w) order; volumes (Z, Y, X) with
@@ -18,6 +18,7 @@ in plane d of the grid, so napari's dims slider steps through the kernels' depth
   slices of a volume.
 * :func:`feature_maps`: a backbone level's feature maps on a volume, at the level's own
   resolution, with the zoom back to the volume's grid.
+* :func:`input_channels`: what the network's first convolution reads.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_crossd.core import CrossDConv, rotate_kernels, static_kernels
+from ..core import CrossDConv, rotate_kernels, static_kernels
 
 __all__ = [
     "KernelGrid",
@@ -37,15 +38,15 @@ __all__ = [
     "conv_layers",
     "dynamic_rotations",
     "feature_maps",
+    "input_channels",
     "kernel_grid",
     "layer_kernels",
     "learned_rotation",
-    "network_volume",
     "phase_shift",
     "rotate_bank",
 ]
 
-_CONVS = (nn.Conv2d, nn.Conv3d, CrossDConv)
+_CONVS = (nn.Conv2d, nn.Conv3d)  # CrossDConv is an nn.Conv2d
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -53,16 +54,16 @@ def conv_layers(model: nn.Module) -> dict[str, nn.Module]:
 
     CrossDConv layers' internal rotation heads are 1x1 convolutions and so left out.
     """
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, _CONVS):
-            continue
-        if isinstance(module, CrossDConv):
-            layers[name] = module
-            continue
-        if max(module.weight.shape[2:]) > 1:
-            layers[name] = module
-    return layers
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, _CONVS) and max(module.kernel_size) > 1}
+
+
+def input_channels(model: nn.Module) -> int:
+    """Input channels of the network's first convolution."""
+    for module in model.modules():
+        if isinstance(module, _CONVS):
+            return module.in_channels
+    raise ValueError("The model has no convolution: cannot tell how many input channels it takes.")
 
 
 def layer_kernels(module: nn.Module) -> torch.Tensor:
@@ -344,23 +345,6 @@ def dynamic_rotations(
     finally:
         model2d.train(was_training)
     return torch.cat(axes).numpy(), torch.cat(angles).numpy()
-
-
-def network_volume(volume, model: nn.Module, preset: str = "auto") -> torch.Tensor:
-    """A (Z, Y, X) volume as ``model``'s (C, Z, Y, X) input, normalised as the engine does.
-
-    The engine's own two stages (:func:`napari_crossd.engine.normalize.intensity_stats`
-    over the whole volume, then :func:`~napari_crossd.engine.normalize.network_input`) with
-    the checkpoint's normalisation from ``model.crossd_meta``, repeated over the stem's
-    input channels. ValueError (from the engine) for non-3D, RGB or non-finite volumes.
-    """
-    from .normalize import intensity_stats, network_input, unit_intensity
-
-    stats = intensity_stats(volume, preset)
-    first = next(m for m in model.modules() if isinstance(m, _CONVS))
-    channels = first.in_channels
-    normalization = getattr(model, "crossd_meta", {}).get("normalization")
-    return network_input(unit_intensity(np.asarray(volume), stats), stats, normalization, channels)
 
 
 def feature_maps(model3d: nn.Module, net_input: torch.Tensor, level: int) -> tuple[np.ndarray, np.ndarray]:
