@@ -276,6 +276,7 @@ class InspectorWidget(Container):
         try:
             check_volume_layer(layer, "The rotation distribution needs")
             module = self.module()
+            # torch on first use: npe2 imports the widget modules before any model is loaded
             from napari_crossd.models.inspect import learned_rotation
 
             if module is None or learned_rotation(module).kind != "dynamic":
