@@ -393,13 +393,13 @@ def classify_job(segmenter: Segmenter, source: VolumeFeatures, device, out, prob
     if tuple(labels.shape) != shape:
         raise ValueError(f"out has shape {tuple(labels.shape)}; expected the volume's {shape}.")
     probs = np.empty((segmenter.num_classes, *shape), dtype=np.float16) if probabilities else None
-    channels = segmenter.spec.channels(segmenter.encoder)  # ``source`` may hold more levels (a prefix)
     try:
-        for report, payload in source.chunks_job(device):
+        # ``source`` may hold more encoder levels than the segmenter chose: only its own are assembled.
+        for report, payload in source.chunks_job(device, segmenter.spec):
             yield report
             if payload is None:
                 continue
-            box, p = payload[0], _classify(segmenter.classifier, payload[1][:channels])
+            box, p = payload[0], _classify(segmenter.classifier, payload[1])
             del payload  # the chunk must not stay alive while the generator computes the next block
             labels[box] = p.argmax(0) + 1
             if probs is not None:

@@ -284,10 +284,18 @@ class VolumeFeatures:
         out = [pyramid.sample(chunk, intensity=True, filters=filters) for chunk in points.split(1 << 16)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.channels), np.float32)
 
-    def chunks_job(self, device: torch.device) -> Iterator:
+    def chunks_job(self, device: torch.device, spec: FeatureSpec | None = None) -> Iterator:
         """Yield ``(Progress, None)`` while computing, then ``(Progress, (box, features))`` for
         every chunk of planes of every block: ``features`` is ``(C, z, y, x)`` float32 on the
-        source grid's ``box``. The cached block is visited first."""
+        source grid's ``box``. The cached block is visited first.
+
+        ``spec``: the features to assemble, these or fewer encoder levels (what a segmenter
+        that chose its levels reads; default: all of these). Levels left out are never upsampled.
+        """
+        spec = spec or self.spec
+        if not self.serves(self.volume, self.encoder, spec, self.spacing, self.resample):
+            raise ValueError(f"These features hold {self.spec}; {spec} is not a part of them.")
+        per_voxel = spec.channels(self.encoder)
         order = sorted(range(len(self.boxes)), key=lambda i: (self.block is None or self.block[0] != i, i))
         for count, index in enumerate(order):
             job = self.block_job(index, device)
@@ -299,11 +307,12 @@ class VolumeFeatures:
                     break
             box = self.boxes[index]
             local = [slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, self._grown(box), strict=True)]
-            per_plane = self.channels * (box[1].stop - box[1].start) * (box[2].stop - box[2].start)
+            per_plane = per_voxel * (box[1].stop - box[1].start) * (box[2].stop - box[2].start)
             thickness = max(1, _CHUNK_VALUES // per_plane)
             for start in range(local[0].start, local[0].stop, thickness):
                 planes = slice(start, min(start + thickness, local[0].stop))
-                features = pyramid.box((planes, local[1], local[2]), intensity=True, filters=bool(self.spec.sigmas))
+                features = pyramid.box((planes, local[1], local[2]), intensity=True, depth=len(spec.levels),
+                                       filters=bool(spec.sigmas))
                 shift = box[0].start - local[0].start
                 report = Progress(count, len(order), f"classifying block {count + 1}/{len(order)}", phase="predict")
                 yield report, ((slice(planes.start + shift, planes.stop + shift), box[1], box[2]), features)
