@@ -396,6 +396,34 @@ def test_blocks_tile_the_volume_and_match_the_whole(imagenet_3d, mni_sample):
                                                                             coords[:, 2]].T, rtol=1e-5, atol=1e-6)
 
 
+def test_prediction_assembles_only_the_encoder_levels_the_segmenter_kept(imagenet_3d, mni_sample, monkeypatch):
+    import napari_crossd.engine.pyramid as pyramid
+
+    image = mni_sample.image[60:92, 40:104, 40:104]  # 32 x 64 x 64 of real T1
+    spec = default_spec(imagenet_3d)  # 4 levels: what the cache holds before the levels are chosen
+    source = VolumeFeatures(image, imagenet_3d, spec)
+    kept = dataclasses.replace(spec, levels=spec.levels[:1])  # what choose_levels may keep
+    upsampled = []
+    original = pyramid._upsampled_box
+    monkeypatch.setattr(pyramid, "_upsampled_box", lambda m, *a: upsampled.append(m.shape[0]) or original(m, *a))
+    cpu = torch.device("cpu")
+
+    def dense(chosen):
+        upsampled.clear()
+        chunks = [payload for _, payload in source.chunks_job(cpu, chosen) if payload is not None]
+        return torch.cat([features for _, features in chunks], dim=1), list(upsampled)
+
+    everything, all_maps = dense(None)
+    only_kept, kept_maps = dense(kept)
+    assert only_kept.shape[0] == kept.channels(imagenet_3d) < everything.shape[0] == spec.channels(imagenet_3d)
+    torch.testing.assert_close(only_kept, everything[: only_kept.shape[0]], rtol=0, atol=0)
+    # the coarse filter maps and the first level are upsampled; the three deeper levels (24 + 32 + 96 channels) not
+    levels = [imagenet_3d.feature_info[level]["num_chs"] for level in spec.levels]
+    assert set(kept_maps) == {6, levels[0]} and set(all_maps) == {6, *levels}  # 6: a coarse sigma's filters
+    with pytest.raises(ValueError, match="is not a part of them"):
+        next(source.chunks_job(cpu, dataclasses.replace(spec, sigmas=(1.0,))))
+
+
 @pytest.mark.parametrize(
     ("paint", "message"),
     [
