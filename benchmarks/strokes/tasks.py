@@ -27,12 +27,12 @@ TASKS = {
     "mni152-tissue": Task(
         datasets.load_mni152, False,
         "MNI152 2009a T1, 189 x 233 x 197 at 1 mm (full size): background / other (CSF) / grey / white matter",
-        "pip install --no-deps nilearn",
+        "pip install \"napari-crossd[samples]\" (nilearn's MNI152 template)",
     ),
     "mni152-deep-grey": Task(
         datasets.load_mni152_deep_grey, True,
         "same T1: rest / grey matter within 20 mm of the brain's outer surface / grey matter deeper",
-        "pip install --no-deps nilearn",
+        "pip install \"napari-crossd[samples]\" (nilearn's MNI152 template)",
     ),
     "nuclei": Task(
         datasets.load_nuclei_foreground, False,
