@@ -37,6 +37,7 @@ def main() -> None:
     from napari.qt import get_qapp
 
     from napari_crossd._widgets._stall import StallMeter
+    from napari_crossd._widgets.inspector import ROLE
     from napari_crossd.datasets import MNI_CLASSES
     from napari_crossd.demo import open_viewer
     from napari_crossd.evaluation import paint_strokes
@@ -66,16 +67,19 @@ def main() -> None:
     viewer.window._qt_window.resize(1600, 1000)
     settle(2.0)  # the window's first paint (software OpenGL) is not a job's doing
     meter.start()
-    docks = {name: getattr(widget, "native", widget).parent() for name, widget in viewer.window.dock_widgets.items()}
 
-    def only(prefix: str) -> None:
-        for name, dock in docks.items():
-            dock.setVisible(name.startswith(prefix))
+    def tab(widget) -> None:  # bring a widget's dock tab to the front (the demo tabs them)
+        from qtpy.QtWidgets import QDockWidget
+
+        native = getattr(widget, "native", widget)
+        while native is not None and not isinstance(native, QDockWidget):
+            native = native.parent()
+        native.raise_()
         settle()
 
-    def show_only(*prefixes: str) -> None:
+    def show_only(*prefixes: str, roles=()) -> None:
         for layer in viewer.layers:
-            layer.visible = layer.name.startswith(prefixes)
+            layer.visible = layer.name.startswith(prefixes) or layer.metadata.get(ROLE) in roles
 
     def shot(name: str) -> None:
         settle(0.5)
@@ -86,14 +90,14 @@ def main() -> None:
     model, run, tune, inspector = (widgets[k] for k in ("Model", "Run", "Fine-tune", "Inspector"))
     model.load()
     wait(model, "load and inflate the default weights")
-    only("Model")
-    shot("model")
+    tab(model)
+    shot("model")  # also the first impression of `crossd demo`: tabbed docks, the whole volume
 
     image = viewer.layers["MNI152 T1"]
     run.image.value = image
     run.run()
     wait(run, f"features of {image.data.shape}")
-    only("Run")
+    tab(run)
     show_only("MNI152 T1")
     viewer.layers[f"{image.name} features (PCA)"].opacity = 0.7
     viewer.reset_view()
@@ -115,32 +119,52 @@ def main() -> None:
     viewer.layers[f"{image.name} segmentation"].opacity = 0.45
     z = int(np.nonzero(painted.any(axis=(1, 2)))[0][2])
     viewer.dims.set_current_step(0, z)
-    only("Fine-tune")
+    tab(tune)
     shot("finetune")
 
-    inspector.image.value = image
-    inspector.layer.value = inspector.layer.choices[0]
-    inspector.show_button.changed.emit(True)
-    inspector.angle.value = 45.0
-    # The kernels (and their rotation by 45 degrees) come from the inspector's own LatestJob
-    # queue, not its feature runner: wait for it too, or the shot may show stale kernels.
-    wait(inspector.kernel_jobs, "inspector kernels")
-    inspector.show_features()
-    wait(inspector, "inspector feature maps")
-    inspector.channel.value = 3
-    show_only("Cross-D", "MNI152 T1")
-    for layer in viewer.layers:
-        if layer.name.startswith("MNI152 T1 "):
-            layer.visible = False
-    viewer.layers[-1].opacity = 0.6  # the feature map over the T1
-    only("Inspector")
-    viewer.reset_view()
-    shot("inspector")
+    inspect_shots(viewer, inspector, image, wait, tab, show_only, shot)
     meter.stop()
 
     if not args.no_stall_report:
         write_stall_report(jobs, image.data.shape, meter)
     viewer.close()
+
+
+def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
+    """inspector.png (one filter: its slices, rotation, phase; a feature map over the T1) and
+    inspector_rotations.png (a dynamic layer's learned rotation per slice, in 3D)."""
+    inspector.image.value = image
+    tab(inspector)
+    inspector.layer.value = inspector.layer.choices[0]
+    inspector.show_button.changed.emit(True)
+    wait(inspector.kernel_jobs, "inspector kernels")
+    inspector.output.value = int(inspector.view.order[0])  # the largest filter
+    inspector.angle.value = 45.0
+    # The kernels (and their rotation by 45 degrees) come from the inspector's own LatestJob
+    # queue, not its feature runner: wait for it too, or the shot may show stale kernels.
+    wait(inspector.kernel_jobs, "inspector filter and rotation")
+    inspector.show_features()
+    wait(inspector, "inspector feature maps")
+    inspector.channel.value = 3
+    roles = ("overview", "outline", "filter", "rotation", "phase", "amplitude", "feature map")
+    show_only("MNI152 T1", roles=roles)
+    for layer in viewer.layers:
+        if layer.name.startswith("MNI152 T1 "):
+            layer.visible = False
+    viewer.reset_view()
+    shot("inspector")
+
+    inspector.layer.value = "features.2.conv.1.0"
+    wait(inspector.kernel_jobs, "inspector kernels of a dynamic layer")
+    inspector.slice_rotations()
+    wait(inspector, "inspector learned rotation per slice")
+    show_only("MNI152 T1", roles=("axes",))
+    viewer.layers["MNI152 T1"].visible = True
+    viewer.dims.ndisplay = 3
+    viewer.camera.angles = (0.0, -60.0, 120.0)
+    viewer.reset_view()
+    shot("inspector_rotations")
+    viewer.dims.ndisplay = 2
 
 
 def write_stall_report(jobs, shape, meter) -> None:

@@ -408,8 +408,11 @@ def test_inspector_overview_picked_filter_rotation_and_phase(qtbot, viewer_with_
     for d in range(3):
         np.testing.assert_array_equal(strip.data[:, 4 * d : 4 * d + 3], u[5, 1, d])
     assert np.isnan(strip.data[:, 3]).all() and np.isnan(strip.data[:, 7]).all()
-    limit = float(np.abs(u[5, 1]).max())
+    # One colour scale for the filter and its rotation (30 deg about h, the default): symmetric.
+    turned = rotate_bank(torch.as_tensor(u[5, 1])[None, None], "h", np.radians(30.0))[0, 0].numpy()
+    limit = max(float(np.abs(u[5, 1]).max()), float(np.abs(turned).max()))
     assert tuple(strip.contrast_limits) == pytest.approx((-limit, limit))
+    assert tuple(inspector_layer(viewer, "rotation").contrast_limits) == pytest.approx((-limit, limit))
     assert strip.colorbar.visible and strip.colormap.name == "PiYG"
     assert f"{u[5, 1, 0, 0, 0]:+.3f}" in inspector.filter_numbers.value
     # The outline sits on the filter's tile of the overview (tiles are 3 x 3 pixels, 1 apart).
@@ -539,9 +542,18 @@ def test_inspector_computes_off_the_gui_thread_and_the_latest_angle_wins(qtbot, 
 def test_demo_window_docks_widgets_and_loads_sample_and_weights(qtbot, make_napari_viewer, errors):
     from napari_crossd.demo import open_viewer
 
-    viewer, widgets = open_viewer(region="small", viewer=make_napari_viewer())
+    viewer, widgets = open_viewer(region="small", viewer=make_napari_viewer(show=True))
     assert set(widgets) == {"Model", "Run", "Fine-tune", "Inspector"}
     assert len(viewer.window.dock_widgets) == 4
+    # Tabbed, not stacked: every widget one click away, the canvas most of a 1600 x 1000 window.
+    from qtpy.QtWidgets import QDockWidget
+
+    window = viewer.window._qt_window
+    docks = [w for w in window.findChildren(QDockWidget) if w.windowTitle().endswith("(napari-crossd)")]
+    assert len(docks) == 4 and len(window.tabifiedDockWidgets(docks[0])) == 3
+    window.resize(1600, 1000)
+    qtbot.wait(200)
+    assert viewer.window._qt_viewer.canvas.native.width() >= 800
     image, tissue = viewer.layers["MNI152 T1"], viewer.layers["MNI152 tissue"]
     assert image.data.shape == tissue.data.shape == (32, 64, 64)
     assert tuple(image.translate) == (-12.0, -114.0, -32.0)

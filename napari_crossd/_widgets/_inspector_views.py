@@ -155,14 +155,14 @@ def kernel_view_job(module, name: str, request: FilterRequest, shown: KernelView
 
 def numbers_text(kernel: np.ndarray, digits: int = 3) -> str:
     """A (k_d, k_h, k_w) kernel's values as text, one block per depth slice (side by side when they fit)."""
-    width = digits + 4
+    width = digits + 3
     blocks = []
     for d, plane in enumerate(kernel):
         rows = [" ".join(f"{v:+.{digits}f}".rjust(width) for v in row) for row in plane]
         head = f"d={d}".ljust(len(rows[0]))
         blocks.append([head, *rows])
-    if len(blocks) * len(blocks[0][0]) <= 84:
-        return "\n".join("   ".join(parts) for parts in zip(*blocks, strict=True))
+    if len(blocks) * (len(blocks[0][0]) + 2) <= 72:
+        return "\n".join("  ".join(parts) for parts in zip(*blocks, strict=True))
     return "\n".join(line for block in blocks for line in block)
 
 

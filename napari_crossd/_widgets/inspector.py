@@ -84,7 +84,7 @@ class InspectorWidget(Container):
         self.input = ComboBox(label="input channel", choices=self._input_choices,
                               tooltip="one input's kernel of the filter, or the mean over its inputs")
         self.filter_numbers = Label(value="")
-        self.filter_numbers.native.setStyleSheet("font-family: monospace; font-size: 10px")
+        self.filter_numbers.native.setStyleSheet("font-family: monospace; font-size: 9px")
         self.mode = ComboBox(label="rotation", choices=(DISPLAY, LEARNED), value=DISPLAY,
                              tooltip="rotate the filter by the sliders' axis and angle, or show the layer's "
                                      "learned rotation (dynamic layers: the current slice's)")
@@ -202,10 +202,13 @@ class InspectorWidget(Container):
             if "contrast_limits" in kwargs:
                 layer.contrast_limits = kwargs.pop("contrast_limits")
             layer.data = data
-            layer.scale, layer.translate = scale, translate
+            if not (np.allclose(layer.scale, scale) and np.allclose(layer.translate, translate)):
+                layer.scale, layer.translate = scale, translate
             for key, value in kwargs.items():
-                setattr(layer, key, value)
-            layer.name = name
+                if key != "colormap" or layer.colormap.name != value:
+                    setattr(layer, key, value)
+            if layer.name != name:
+                layer.name = name
             return layer
         if layer is not None:
             self.viewer.layers.remove(layer)
@@ -254,26 +257,33 @@ class InspectorWidget(Container):
         name, request = self.layer.value, self.request()
         self.kernel_jobs.submit(lambda: kernel_view_job(module, name, request, view), self._show_kernels)
 
-    def _show_kernels(self, result) -> None:
+    def _show_kernels(self, result):
+        """Show a kernel job's result, one layer per turn of the event loop (see ``_jobs``)."""
         view, shown = result
+        before_view, before = self.view, self.shown
         self.view, self.shown = view, shown
-        self._show_overview(view, shown.request)
-        self._show_filter(view, shown)
-        self._show_rotation(view, shown)
         self.rotation_info.value = self._rotation_text(view, shown)
         self.rotation_button.enabled = view.learned.kind == "dynamic"
+        new_layer = before_view is not view or self._owned(OVERVIEW) is None
+        if new_layer:
+            yield self._show_overview(view)
+        picked = (shown.request.output, shown.request.input)
+        if new_layer or before is None or (before.request.output, before.request.input) != picked:
+            yield self._show_outline(view, shown.request)
+        yield self._show_filter(view, shown)
+        yield from self._show_rotation(view, shown)
 
-    def _show_overview(self, view, request) -> None:
-        grid, geometry = view.grid, self.geometry()
-        frame = geometry.overview(grid.data.shape)
+    def _show_overview(self, view) -> None:
+        grid = view.grid
+        frame = self.geometry().overview(grid.data.shape)
         colours = {"contrast_limits": (0.0, 1.0)} if grid.rgb else {"colormap": KERNEL_MAP,
                                                                     "contrast_limits": (-1.0, 1.0)}
         shown = f"{grid.shown[0]} of {view.shape[0]}" if grid.shown[0] < view.shape[0] else f"all {view.shape[0]}"
         name = f"{view.name}: {shown} filters by norm, each scaled to its peak"
         self._put(OVERVIEW, grid.data, frame, name, rgb=grid.rgb, **colours)
-        self._show_outline(view, request, frame)
 
-    def _show_outline(self, view, request, frame) -> None:
+    def _show_outline(self, view, request) -> None:
+        frame = self.geometry().overview(view.grid.data.shape)
         grid, position = view.grid, view.overview_position(min(request.output, view.shape[0] - 1))
         if position is None:
             self._remove(OUTLINE)
@@ -300,43 +310,52 @@ class InspectorWidget(Container):
         which = "mean over inputs" if request.input is None else f"i{request.input}"
         return f"{view.name} o{request.output} {which}"
 
+    def _limit(self, shown) -> float:
+        """The one symmetric colour limit of the picked filter and its rotation panels."""
+        # torch on first use: npe2 imports the widget modules before any model is loaded
+        from napari_crossd.models.inspect import symmetric_limit
+
+        rotation = shown.rotation
+        return symmetric_limit(shown.values, *(() if rotation is None else (rotation.u, rotation.rotated)))
+
     def _show_filter(self, view, shown) -> None:
         # torch on first use: npe2 imports the widget modules before any model is loaded
-        from napari_crossd.models.inspect import depth_strip, symmetric_limit
+        from napari_crossd.models.inspect import depth_strip
 
-        values = shown.values
+        values, limit = shown.values, self._limit(shown)
         k = max(values.shape)
-        strip = depth_strip(values)
-        limit = symmetric_limit(values)
         frame = self.geometry().panel(k, 0, depth=False)
         name = f"{self._filter_name(view, shown.request)}: depth slices d=0..{values.shape[0] - 1} side by side"
-        layer = self._put(FILTER, strip, frame, name, colormap=KERNEL_MAP, contrast_limits=(-limit, limit))
+        layer = self._put(FILTER, depth_strip(values), frame, name, colormap=KERNEL_MAP,
+                          contrast_limits=(-limit, limit))
         layer.colorbar.visible = True
         self.filter_numbers.value = numbers_text(values)
-        self.status.value = (f"{view.name}: kernels {view.shape}; filter o{shown.request.output}: "
-                             f"max |w| {limit:.3g}, colour limits +-{limit:.3g}")
+        self.status.value = (f"{view.name}: kernels {view.shape}; filter o{shown.request.output}: max |w| "
+                             f"{float(np.abs(values).max()):.3g}; colour limits +-{limit:.3g} (filter and rotation)")
 
-    def _show_rotation(self, view, shown) -> None:
+    def _show_rotation(self, view, shown):
+        """Generator: the rotation panels, the phase and the amplitude, one layer per step."""
         # torch on first use: npe2 imports the widget modules before any model is loaded
-        from napari_crossd.models.inspect import PHASE_FLOOR, side_by_side, symmetric_limit
+        from napari_crossd.models.inspect import PHASE_FLOOR, side_by_side
 
         rotation = shown.rotation
         if rotation is None:
             self._remove(ROTATION, PHASE, AMPLITUDE)
             return
-        k = rotation.u.shape[0]
+        k, limit = rotation.u.shape[0], self._limit(shown)
         applied = np.broadcast_to(rotation.applied, rotation.u.shape)
         panels = side_by_side(rotation.u, rotation.rotated, applied)
-        limit = symmetric_limit(rotation.u, rotation.rotated)
         geometry, base = self.geometry(), self._filter_name(view, shown.request)
-        self._put(ROTATION, panels, geometry.panel(k, 1), f"{base}: U | rotated U | applied 2D kernel (d={k // 2})",
-                  colormap=KERNEL_MAP, contrast_limits=(-limit, limit))
+        yield self._put(ROTATION, panels, geometry.panel(k, 1),
+                        f"{base}: U | rotated U | applied 2D kernel (d={k // 2})", colormap=KERNEL_MAP,
+                        contrast_limits=(-limit, limit))
         phase = self._put(PHASE, shown.phase, geometry.panel(k, 2),
                           f"{base}: phase shift (deg), masked below {PHASE_FLOOR:.0%} amplitude",
                           colormap="twilight_shifted", contrast_limits=(-180.0, 180.0))
         phase.colorbar.visible = True
-        self._put(AMPLITUDE, shown.amplitude, geometry.panel(k, 2, 1), f"{base}: |FFT3(U)| / max",
-                  colormap="gray", contrast_limits=(0.0, 1.0))
+        yield phase
+        yield self._put(AMPLITUDE, shown.amplitude, geometry.panel(k, 2, 1), f"{base}: |FFT3(U)| / max",
+                        colormap="gray", contrast_limits=(0.0, 1.0))
 
     def _rotation_text(self, view, shown) -> str:
         text = view.learned.describe()
