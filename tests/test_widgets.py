@@ -365,7 +365,7 @@ def test_cancel_and_failure_keep_layers(qtbot, viewer_with_crop, mni_crop_files,
 def inspector_layer(viewer, role):
     from napari_crossd._widgets.inspector import ROLE
 
-    [layer] = [layer for layer in viewer.layers if layer.metadata.get(ROLE) == role]
+    [layer] = [layer for layer in viewer.layers if layer.metadata.get(ROLE) == role and layer.visible]
     return layer
 
 

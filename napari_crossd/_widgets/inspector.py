@@ -181,39 +181,43 @@ class InspectorWidget(Container):
         source = self.image.value
         return Geometry.of(source, volume_data(source).shape if source is not None else ())
 
-    def _owned(self, role: str):
-        for layer in self.viewer.layers:
-            if layer.metadata.get(ROLE) == role:
-                return layer
-        return None
+    # Layers are hidden, never removed, when a pick no longer needs them: napari's canvas runs a
+    # full gc.collect() for each layer removed (300 ms with a model in memory, measured here).
+    def _owned(self, role: str, rgb: bool | None = None):
+        """This widget's layer for ``role`` (of that ``rgb``-ness when given; the visible one first)."""
+        mine = [layer for layer in self.viewer.layers if layer.metadata.get(ROLE) == role
+                and (rgb is None or bool(getattr(layer, "rgb", False)) == rgb)]
+        mine.sort(key=lambda layer: not layer.visible)
+        return mine[0] if mine else None
 
-    def _remove(self, *roles: str) -> None:
-        for role in roles:
-            layer = self._owned(role)
-            if layer is not None:
-                self.viewer.layers.remove(layer)
+    def _hide(self, *roles: str) -> None:
+        for layer in self.viewer.layers:
+            if layer.metadata.get(ROLE) in roles and layer.visible:
+                layer.visible = False
 
     def _put(self, role: str, data, frame, name: str, *, rgb: bool = False, **kwargs):
-        """Show ``data`` in this widget's layer for ``role``: updated in place, or (re)created."""
-        layer = self._owned(role)
+        """Show ``data`` in this widget's layer for ``role``: updated in place, or created."""
         scale, translate = frame
-        if layer is not None and bool(getattr(layer, "rgb", False)) == rgb and layer.ndim == data.ndim - rgb:
-            # contrast limits first: data outside the old limits would be clipped in between
-            if "contrast_limits" in kwargs:
-                layer.contrast_limits = kwargs.pop("contrast_limits")
-            layer.data = data
-            if not (np.allclose(layer.scale, scale) and np.allclose(layer.translate, translate)):
-                layer.scale, layer.translate = scale, translate
-            for key, value in kwargs.items():
-                if key != "colormap" or layer.colormap.name != value:
-                    setattr(layer, key, value)
-            if layer.name != name:
-                layer.name = name
-            return layer
-        if layer is not None:
-            self.viewer.layers.remove(layer)
-        return self.viewer.add_image(data, rgb=rgb, scale=scale, translate=translate, name=name,
-                                     metadata={ROLE: role}, **kwargs)
+        for other in self.viewer.layers:  # e.g. the RGB overview when a grey one is shown
+            if other.metadata.get(ROLE) == role and bool(getattr(other, "rgb", False)) != rgb and other.visible:
+                other.visible = False
+        layer = self._owned(role, rgb)
+        if layer is None or layer.ndim != data.ndim - rgb:
+            return self.viewer.add_image(data, rgb=rgb, scale=scale, translate=translate, name=name,
+                                         metadata={ROLE: role}, **kwargs)
+        # contrast limits first: data outside the old limits would be clipped in between
+        if "contrast_limits" in kwargs:
+            layer.contrast_limits = kwargs.pop("contrast_limits")
+        layer.data = data
+        if not (np.allclose(layer.scale, scale) and np.allclose(layer.translate, translate)):
+            layer.scale, layer.translate = scale, translate
+        for key, value in kwargs.items():
+            if key != "colormap" or layer.colormap.name != value:
+                setattr(layer, key, value)
+        if layer.name != name:
+            layer.name = name
+        layer.visible = True
+        return layer
 
     # -- kernels, rotation, phase ---------------------------------------------------------
     def show_layer(self, _=None) -> None:
@@ -285,8 +289,8 @@ class InspectorWidget(Container):
     def _show_outline(self, view, request) -> None:
         frame = self.geometry().overview(view.grid.data.shape)
         grid, position = view.grid, view.overview_position(min(request.output, view.shape[0] - 1))
-        if position is None:
-            self._remove(OUTLINE)
+        if position is None:  # not among the filters drawn
+            self._hide(OUTLINE)
             return
         if grid.layout == "out_x_in":
             row, col, width = position, (request.input or 0), grid.tile[1]
@@ -299,9 +303,13 @@ class InspectorWidget(Container):
         corners = np.array([[ty + (y - 0.5) * sy, tx + (x - 0.5) * sx],
                             [ty + (y + grid.tile[0] - 0.5) * sy, tx + (x + width - 0.5) * sx]])
         name, layer = f"{view.name}: picked filter o{request.output}", self._owned(OUTLINE)
-        if layer is not None:
-            layer.data, layer.name, layer.edge_width = [corners], name, 0.4 * sy
-            layer.shape_type, layer.edge_color, layer.face_color = "rectangle", "yellow", "transparent"
+        if layer is not None:  # the data setter keeps the rectangle's type and colours
+            layer.data = [corners]
+            if layer.name != name:
+                layer.name = name
+            if not np.isclose(layer.edge_width[0], 0.4 * sy):
+                layer.edge_width = 0.4 * sy
+            layer.visible = True
             return
         self.viewer.add_shapes([corners], shape_type="rectangle", edge_color="yellow", face_color="transparent",
                                edge_width=0.4 * sy, name=name, metadata={ROLE: OUTLINE})
@@ -340,7 +348,7 @@ class InspectorWidget(Container):
 
         rotation = shown.rotation
         if rotation is None:
-            self._remove(ROTATION, PHASE, AMPLITUDE)
+            self._hide(ROTATION, PHASE, AMPLITUDE)
             return
         k, limit = rotation.u.shape[0], self._limit(shown)
         applied = np.broadcast_to(rotation.applied, rotation.u.shape)
@@ -411,7 +419,8 @@ class InspectorWidget(Container):
         degrees = np.degrees(angles)
         counts, edges = np.histogram(degrees, bins=18, range=(-45.0, 45.0))
         self.rotation_plot.title = f"{name}: learned angle over {len(angles)} slices (count per 5 deg)"
-        self.rotation_plot.set_values(counts, (f"{edges[0]:.0f} deg", f"{edges[-1]:.0f} deg"))
+        self.rotation_plot.y_label = "slices"
+        self.rotation_plot.set_values(counts, (f"{edges[0]:.0f} deg", "0", f"{edges[-1]:.0f} deg"))
         mean_axis = axes.mean(0)
         self.rotation_info.value = (
             f"dynamic rotation over {len(angles)} slices: angle {degrees.mean():.2f} +- {degrees.std():.2f} deg "
@@ -422,12 +431,18 @@ class InspectorWidget(Container):
         centre = np.asarray(geometry.origin) + np.asarray(geometry.extent) / 2
         length = 0.4 * min(geometry.extent[1:])
         vectors = np.stack([np.broadcast_to(centre, axes.shape), axes * length], axis=1)
-        self._remove(AXES)
+        name = f"{name}: learned rotation axis per slice ({len(angles)})"
+        layer = self._owned(AXES)
+        if layer is not None:
+            layer.data, layer.features, layer.name, layer.visible = vectors, {"angle (deg)": degrees}, name, True
+            layer.edge_color = "angle (deg)"
+            return self._after_slice_rotations()
         self.viewer.add_vectors(vectors, features={"angle (deg)": degrees}, edge_color="angle (deg)",
                                 edge_colormap="twilight_shifted", edge_contrast_limits=(-45.0, 45.0),
-                                edge_width=0.01 * length, vector_style="arrow",
-                                name=f"{name}: learned rotation axis per slice ({len(angles)})",
-                                metadata={ROLE: AXES})
+                                edge_width=0.01 * length, vector_style="arrow", name=name, metadata={ROLE: AXES})
+        return self._after_slice_rotations()
+
+    def _after_slice_rotations(self) -> None:
         if self.active and self.mode.value == LEARNED:
             self._request_kernels(reuse=True)
 
