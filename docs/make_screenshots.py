@@ -158,13 +158,15 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     wait(inspector.kernel_jobs, "inspector kernels of a dynamic layer")
     inspector.slice_rotations()
     wait(inspector, "inspector learned rotation per slice")
-    show_only("MNI152 T1", roles=("axes",))
-    viewer.layers["MNI152 T1"].visible = True
+    for layer in viewer.layers:
+        layer.visible = layer.name == "MNI152 T1" or layer.metadata.get("crossd_inspector") == "axes"
+    viewer.layers["MNI152 T1"].opacity = 0.35
     viewer.dims.ndisplay = 3
-    viewer.camera.angles = (0.0, -60.0, 120.0)
     viewer.reset_view()
+    viewer.camera.angles = (0.0, -50.0, 130.0)
     shot("inspector_rotations")
     viewer.dims.ndisplay = 2
+    viewer.layers["MNI152 T1"].opacity = 1.0
 
 
 def write_stall_report(jobs, shape, meter) -> None:

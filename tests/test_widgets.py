@@ -475,7 +475,7 @@ def test_inspector_learned_rotations_and_feature_maps(qtbot, viewer_with_crop, e
     axes, angles = inspector.rotations
     assert axes.shape == (32, 3) and angles.shape == (32,)
     assert np.abs(angles).max() <= np.pi / 4
-    assert sum(inspector.rotation_plot.values) == 32 and len(inspector.rotation_plot.values) == 18
+    assert sum(inspector.rotation_plot.values) == 32 and len(inspector.rotation_plot.values) == 20
     assert inspector.rotation_info.value.startswith("dynamic rotation over 32 slices")
     vectors = inspector_layer(viewer, "axes")
     assert vectors.data.shape == (32, 2, 3)

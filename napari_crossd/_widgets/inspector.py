@@ -43,6 +43,7 @@ OVERVIEW, OUTLINE, FILTER, ROTATION = "overview", "outline", "filter", "rotation
 PHASE, AMPLITUDE, AXES, FEATURE = "phase", "amplitude", "axes", "feature map"
 MEAN = -1  # the input channel choice "mean over inputs"
 DISPLAY, LEARNED = "axis and angle below", "learned by the layer"
+HISTOGRAM_BINS = 20  # over the angles' own range (whole degrees): |angle| <= 45 deg
 KERNEL_MAP = "PiYG"  # diverging, zero in the middle (white)
 
 
@@ -417,10 +418,7 @@ class InspectorWidget(Container):
         axes, angles = result
         self.rotations, self._rotations_of = (axes, angles), module
         degrees = np.degrees(angles)
-        counts, edges = np.histogram(degrees, bins=18, range=(-45.0, 45.0))
-        self.rotation_plot.title = f"{name}: learned angle over {len(angles)} slices (count per 5 deg)"
-        self.rotation_plot.y_label = "slices"
-        self.rotation_plot.set_values(counts, (f"{edges[0]:.0f} deg", "0", f"{edges[-1]:.0f} deg"))
+        self._show_histogram(name, degrees)
         mean_axis = axes.mean(0)
         self.rotation_info.value = (
             f"dynamic rotation over {len(angles)} slices: angle {degrees.mean():.2f} +- {degrees.std():.2f} deg "
@@ -439,12 +437,22 @@ class InspectorWidget(Container):
             return self._after_slice_rotations()
         self.viewer.add_vectors(vectors, features={"angle (deg)": degrees}, edge_color="angle (deg)",
                                 edge_colormap="twilight_shifted", edge_contrast_limits=(-45.0, 45.0),
-                                edge_width=0.01 * length, vector_style="arrow", name=name, metadata={ROLE: AXES})
+                                edge_width=0.04 * length, vector_style="arrow", name=name, metadata={ROLE: AXES})
         return self._after_slice_rotations()
 
     def _after_slice_rotations(self) -> None:
         if self.active and self.mode.value == LEARNED:
             self._request_kernels(reuse=True)
+
+    def _show_histogram(self, name: str, degrees: np.ndarray) -> None:
+        low, high = np.floor(degrees.min()), np.ceil(degrees.max())
+        high = max(high, low + 1.0)
+        counts, edges = np.histogram(degrees, bins=HISTOGRAM_BINS, range=(low, high))
+        width = (high - low) / HISTOGRAM_BINS
+        self.rotation_plot.title = f"{name}: learned angle over {len(degrees)} slices ({width:.3g} deg bins)"
+        self.rotation_plot.y_label = "slices"
+        middle = f"{(low + high) / 2:.1f} deg"
+        self.rotation_plot.set_values(counts, (f"{edges[0]:.0f} deg", middle, f"{edges[-1]:.0f} deg"))
 
     # -- feature maps ---------------------------------------------------------------------
     def show_features(self, _=None):
