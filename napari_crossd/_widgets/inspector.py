@@ -437,7 +437,8 @@ class InspectorWidget(Container):
             return self._after_slice_rotations()
         self.viewer.add_vectors(vectors, features={"angle (deg)": degrees}, edge_color="angle (deg)",
                                 edge_colormap="twilight_shifted", edge_contrast_limits=(-45.0, 45.0),
-                                edge_width=0.04 * length, vector_style="arrow", name=name, metadata={ROLE: AXES})
+                                edge_width=0.06 * length, vector_style="arrow", name=name, metadata={ROLE: AXES},
+                                blending="translucent_no_depth")  # drawn over the volume in 3D
         return self._after_slice_rotations()
 
     def _after_slice_rotations(self) -> None:
