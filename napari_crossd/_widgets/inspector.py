@@ -275,7 +275,11 @@ class InspectorWidget(Container):
         picked = (shown.request.output, shown.request.input)
         if new_layer or before is None or (before.request.output, before.request.input) != picked:
             yield self._show_outline(view, shown.request)
-        yield self._show_filter(view, shown)
+        strip = self._show_filter(view, shown)
+        yield strip
+        if not strip.colorbar.visible:  # its own step: the first colour bar builds its text visuals
+            strip.colorbar.visible = True
+            yield strip
         yield from self._show_rotation(view, shown)
 
     def _show_overview(self, view) -> None:
@@ -335,12 +339,11 @@ class InspectorWidget(Container):
         k = max(values.shape)
         frame = self.geometry().panel(k, 0, depth=False)
         name = f"{self._filter_name(view, shown.request)}: depth slices d=0..{values.shape[0] - 1} side by side"
-        layer = self._put(FILTER, depth_strip(values), frame, name, colormap=KERNEL_MAP,
-                          contrast_limits=(-limit, limit))
-        layer.colorbar.visible = True
         self.filter_numbers.value = numbers_text(values)
         self.status.value = (f"{view.name}: kernels {view.shape}; filter o{shown.request.output}: max |w| "
                              f"{float(np.abs(values).max()):.3g}; colour limits +-{limit:.3g} (filter and rotation)")
+        return self._put(FILTER, depth_strip(values), frame, name, colormap=KERNEL_MAP,
+                         contrast_limits=(-limit, limit))
 
     def _show_rotation(self, view, shown):
         """Generator: the rotation panels, the phase and the amplitude, one layer per step."""
@@ -361,8 +364,10 @@ class InspectorWidget(Container):
         phase = self._put(PHASE, shown.phase, geometry.panel(k, 2),
                           f"{base}: phase shift (deg), masked below {PHASE_FLOOR:.0%} amplitude",
                           colormap="twilight_shifted", contrast_limits=(-180.0, 180.0))
-        phase.colorbar.visible = True
         yield phase
+        if not phase.colorbar.visible:
+            phase.colorbar.visible = True
+            yield phase
         yield self._put(AMPLITUDE, shown.amplitude, geometry.panel(k, 2, 1), f"{base}: |FFT3(U)| / max",
                         colormap="gray", contrast_limits=(0.0, 1.0))
 
