@@ -197,3 +197,28 @@ def test_pick_filter_strip_and_spectrum_mask(mobilenet3d):
     spectrum = np.abs(np.fft.fftshift(np.fft.fftn(kernel)))
     assert np.isnan(phase[spectrum <= PHASE_FLOOR * spectrum.max()]).all()
     assert np.nanmax(np.abs(phase)) <= 180.0
+
+
+def test_inspector_job_shows_a_static_layers_learned_rotation():
+    """The Inspector's worker job on a static Cross-D layer: U, U rotated by the learned rotation,
+    the 2D kernel the layer's own 2D forward applies (its ``weight``)."""
+    from napari_crossd._widgets._inspector_views import FilterRequest, kernel_view_job
+    from napari_crossd.engine import run_job
+
+    torch.manual_seed(0)
+    conv = CrossDConv(4, 6, 3, padding=1, rotation="static")
+    with torch.no_grad():
+        conv.rotation_vector.copy_(torch.tensor([[0.0, 0.3, 0.4]]))
+    conv.eval()
+    view, shown = run_job(kernel_view_job(conv, "conv", FilterRequest(2, 1, "h", 0.0, learned=True)))
+    assert shown.what == "learned static rotation"
+    np.testing.assert_allclose(shown.rotation.rotvec, [0.0, 0.3, 0.4])
+    assert shown.rotation.describe() == "28.65 deg about (d, h, w) = (0.000, 0.600, 0.800)"
+    np.testing.assert_array_equal(shown.rotation.u, conv.weights_3d.detach()[2, 1].numpy())
+    np.testing.assert_array_equal(shown.values, layer_kernels(conv)[2, 1].numpy())  # the 3D forward's kernel
+    with torch.no_grad():
+        np.testing.assert_allclose(shown.rotation.applied, conv.weight[2, 1].numpy(), atol=1e-5)
+    # The display rotation instead: the sliders' axis and angle.
+    _, shown = run_job(kernel_view_job(conv, "conv", FilterRequest(2, None, "d", math.radians(20.0)), view))
+    assert shown.what == "display rotation"
+    np.testing.assert_allclose(shown.rotation.rotvec, [math.radians(20.0), 0.0, 0.0])
