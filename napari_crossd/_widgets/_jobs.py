@@ -9,7 +9,8 @@ notification with its message; layers are left as they were. :class:`LatestJob` 
 interactive jobs (a slider's) where only the newest request counts.
 
 Showing a result in steps: an ``on_result`` that is a generator function is stepped once per
-turn of the event loop (each step, e.g. one layer added or updated, then a repaint can come),
+turn of the event loop, ``STEP_PAUSE_MS`` apart (each step, e.g. one layer added or updated,
+then a repaint can come),
 so a result of many layers does not hold the GUI thread for the sum of them; the runner stays
 busy until the last step.
 
@@ -40,6 +41,9 @@ __all__ = ["CANCELLED", "JobRunner", "LatestJob", "worker_threads"]
 
 CANCELLED = object()
 SMALL_MACHINE_CORES = 4
+# Between two steps of showing a result: a zero-timeout timer runs the steps back to back, before
+# any repaint or other timer (measured: three 110 ms steps made one 600 ms stall); 15 ms lets them in.
+STEP_PAUSE_MS = 15
 
 
 def worker_threads(cores: int | None = None, override: str | None = None) -> int | None:
@@ -229,7 +233,7 @@ class JobRunner:
         finally:
             self.last_result_ms += 1000 * (time.perf_counter() - begin)
         if self._showing is not None:
-            QTimer.singleShot(0, partial(self._show_step, job, partial(next, self._showing)))
+            QTimer.singleShot(STEP_PAUSE_MS, partial(self._show_step, job, partial(next, self._showing)))
             return
         if self.last_status != "failed":
             self.last_status = "done"
