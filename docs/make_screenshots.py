@@ -167,7 +167,8 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     viewer.layers["MNI152 T1"].opacity = 0.35
     viewer.dims.ndisplay = 3
     viewer.reset_view()
-    viewer.camera.angles = (0.0, -50.0, 130.0)
+    viewer.camera.angles = (-20.0, 30.0, 150.0)  # obliquely from above: the stack of per-slice arrows
+    viewer.camera.zoom *= 1.6
     shot("inspector_rotations")
     viewer.dims.ndisplay = 2
     viewer.layers["MNI152 T1"].opacity = 1.0

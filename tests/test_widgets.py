@@ -480,6 +480,8 @@ def test_inspector_learned_rotations_and_feature_maps(qtbot, viewer_with_crop, e
     vectors = inspector_layer(viewer, "axes")
     assert vectors.data.shape == (32, 2, 3)
     np.testing.assert_allclose(np.linalg.norm(vectors.data[:, 1], axis=1), 0.4 * 64)  # 64 mm in-plane extent
+    z_world = [image.data_to_world((z, 0, 0))[0] for z in range(32)]
+    np.testing.assert_allclose(vectors.data[:, 0, 0], z_world)  # each slice's arrow starts in that slice
     np.testing.assert_allclose(vectors.features["angle (deg)"], np.degrees(angles))
 
     # The learned rotation of the slice under the dims slider: the 2D kernel this slice gets.

@@ -430,18 +430,22 @@ class InspectorWidget(Container):
             f"(min {degrees.min():.2f}, max {degrees.max():.2f}); mean axis (d, h, w) "
             f"({mean_axis[0]:.2f}, {mean_axis[1]:.2f}, {mean_axis[2]:.2f}); axes as a Vectors layer (3D view)"
         )
+        # one arrow per slice, from the slice's centre: in 2D the dims slider shows each slice's own
         geometry = self.geometry()
         centre = np.asarray(geometry.origin) + np.asarray(geometry.extent) / 2
+        starts = np.repeat(centre[None], len(angles), axis=0)
+        starts[:, 0] = source.data_to_world((0, 0, 0))[-3] + np.arange(len(angles)) * source.scale[-3]
         length = 0.4 * min(geometry.extent[1:])
-        vectors = np.stack([np.broadcast_to(centre, axes.shape), axes * length], axis=1)
+        vectors = np.stack([starts, axes * length], axis=1)
+        limits = (float(degrees.min()), float(max(degrees.max(), degrees.min() + 1e-3)))
         name = f"{name}: learned rotation axis per slice ({len(angles)})"
         layer = self._owned(AXES)
         if layer is not None:
             layer.data, layer.features, layer.name, layer.visible = vectors, {"angle (deg)": degrees}, name, True
-            layer.edge_color = "angle (deg)"
+            layer.edge_contrast_limits, layer.edge_color = limits, "angle (deg)"
             return self._after_slice_rotations()
         self.viewer.add_vectors(vectors, features={"angle (deg)": degrees}, edge_color="angle (deg)",
-                                edge_colormap="twilight_shifted", edge_contrast_limits=(-45.0, 45.0),
+                                edge_colormap="viridis", edge_contrast_limits=limits,
                                 edge_width=0.06 * length, vector_style="arrow", name=name, metadata={ROLE: AXES},
                                 blending="translucent_no_depth")  # drawn over the volume in 3D
         return self._after_slice_rotations()
