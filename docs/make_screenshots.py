@@ -22,6 +22,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import imageio.v3 as iio
-    import numpy as np
     from napari.qt import get_qapp
 
     from napari_crossd._widgets._stall import StallMeter
@@ -168,7 +168,8 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     viewer.dims.ndisplay = 3
     viewer.reset_view()
     viewer.camera.angles = (-20.0, 30.0, 150.0)  # obliquely from above: the stack of per-slice arrows
-    viewer.camera.zoom *= 1.6
+    viewer.camera.center = tuple(np.asarray(image.extent.world).mean(axis=0))  # the volume, not every layer
+    viewer.camera.zoom *= 2.2
     shot("inspector_rotations")
     viewer.dims.ndisplay = 2
     viewer.layers["MNI152 T1"].opacity = 1.0
