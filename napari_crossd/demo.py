@@ -57,6 +57,7 @@ REGIONS = {
     "slab": (slice(64, 112), slice(16, 216), slice(20, 180)),
     "small": (slice(60, 92), slice(20, 84), slice(66, 130)),
 }
+DOCK_MAX_WIDTH = 460  # px: at 1600 x 1000 the canvas keeps about 850 px
 CLASS_COLOURS = np.array(
     [[0, 0, 0], [60, 60, 200], [230, 160, 40], [220, 60, 60], [240, 240, 240]], dtype=np.uint8
 )
@@ -258,7 +259,7 @@ def run_pipeline(
 
 
 def open_viewer(region: str = "full", strategy: str = "i3d", viewer=None, load: bool = True):
-    """napari with the sample volume (and its tissue labels), the four widgets docked, the
+    """napari with the sample volume (and its tissue labels), the four widgets docked as tabs, the
     default weights loading in the Model widget (a worker: the window shows at once; ``load=False``
     leaves the Load button to the caller).
 
@@ -280,10 +281,15 @@ def open_viewer(region: str = "full", strategy: str = "i3d", viewer=None, load: 
                           metadata=sample["meta"]["metadata"], **kwargs)
     viewer.layers["MNI152 tissue"].visible = False
     viewer.layers.selection.active = viewer.layers["MNI152 T1"]
-    widgets = {}
+    widgets, docks = {}, []
     for name in ("Model (load and inflate weights)", "Run (features, segmentation)",
                  "Fine-tune (paint and train)", "Inspector (kernels, rotations, phase)"):
-        _, widgets[name.split(" ")[0]] = viewer.window.add_plugin_dock_widget("napari-crossd", name)
+        # tabbed, one beside the other: stacked, four docks left the canvas a strip of 240 px
+        dock, widgets[name.split(" ")[0]] = viewer.window.add_plugin_dock_widget("napari-crossd", name, tabify=True)
+        docks.append(dock)
+    for dock in docks:  # a dock grows with its widgets' text; the canvas keeps most of the window
+        dock.setMaximumWidth(DOCK_MAX_WIDTH)
+    docks[0].raise_()  # the Model tab in front: loading weights is the first step
     model = widgets["Model"]
     model.strategy.value = strategy
     if load:

@@ -143,3 +143,82 @@ def test_feature_maps_level_and_zoom(mobilenet3d, mni_t1):
     assert maps1.shape == (24, 4, 10, 11) and tuple(zoom1) == (4.0, 4.0, 42 / 11)
     with pytest.raises(ValueError, match=r"level must be in 0\.\.4"):
         feature_maps(mobilenet3d, net_input, 5)
+
+
+def test_filter_overview_sorts_by_norm_and_scales_each_filter_to_its_peak():
+    from napari_crossd.models.inspect import filter_overview, norm_order
+
+    bank = torch.zeros(4, 2, 3, 3, 3)
+    for o, size in enumerate((1.0, 4.0, 2.0, 3.0)):
+        bank[o, 0, 1, 1, 1] = size
+        bank[o, 1, 0, 0, 0] = -size / 2
+    grid, order = filter_overview(bank)
+    assert list(order) == [1, 3, 2, 0] and list(norm_order(bank)) == [1, 3, 2, 0]
+    assert grid.layout == "out_x_in" and grid.data.shape == (3, 4 * 4 - 1, 2 * 4 - 1)
+    for row in range(4):  # every filter at its own peak: 1 at the centre, -0.5 at the corner
+        y, x = grid.tile_origin(row, 0)
+        assert grid.data[1, y + 1, x + 1] == pytest.approx(1.0)
+        y, x = grid.tile_origin(row, 1)
+        assert grid.data[0, y, x] == pytest.approx(-0.5)
+
+
+def test_pick_filter_strip_and_spectrum_mask(mobilenet3d):
+    from napari_crossd.models.inspect import (
+        PHASE_FLOOR,
+        depth_strip,
+        filter_spectrum,
+        pick_filter,
+        rotate_filter,
+        symmetric_limit,
+    )
+
+    bank = layer_kernels(mobilenet3d.get_submodule("features.0.0"))  # i3d: three equal slices W / 3
+    kernel = pick_filter(bank, 3, 2)
+    np.testing.assert_array_equal(kernel, bank[3, 2].numpy())
+    np.testing.assert_allclose(pick_filter(bank, 3), bank[3].mean(0).numpy())
+    strip = depth_strip(kernel)
+    assert strip.shape == (3, 11) and np.isnan(strip[:, [3, 7]]).all()
+    np.testing.assert_array_equal(strip[:, 8:], kernel[2])
+    assert symmetric_limit(strip) == pytest.approx(float(np.abs(kernel).max()))
+    # An i3d kernel is constant along d: its spectrum lives on the d = 0 frequency plane only,
+    # so the other two planes (18 of 27 bins) are masked; the phase of a zero rotation is 0.
+    still = rotate_filter(kernel, (0.0, 0.0, 0.0))
+    np.testing.assert_allclose(still.rotated, kernel, atol=1e-6)
+    phase, amplitude = filter_spectrum(still.u, still.rotated)
+    assert np.isnan(phase).sum() >= 18 and np.isnan(phase[[0, 2]]).all()
+    np.testing.assert_allclose(phase[~np.isnan(phase)], 0.0, atol=1e-3)
+    assert amplitude.max() == pytest.approx(1.0)
+    # A quarter turn about w is torch.rot90 in the (d, h) plane; its applied 2D kernel is the central slice.
+    turned = rotate_filter(kernel, (0.0, 0.0, math.pi / 2))
+    errors = [np.abs(turned.rotated - np.rot90(kernel, k, axes=(0, 1))).max() for k in (1, -1)]
+    assert min(errors) < 1e-5, errors
+    np.testing.assert_allclose(turned.applied, turned.rotated[1])
+    phase, amplitude = filter_spectrum(turned.u, turned.rotated)
+    spectrum = np.abs(np.fft.fftshift(np.fft.fftn(kernel)))
+    assert np.isnan(phase[spectrum <= PHASE_FLOOR * spectrum.max()]).all()
+    assert np.nanmax(np.abs(phase)) <= 180.0
+
+
+def test_inspector_job_shows_a_static_layers_learned_rotation():
+    """The Inspector's worker job on a static Cross-D layer: U, U rotated by the learned rotation,
+    the 2D kernel the layer's own 2D forward applies (its ``weight``)."""
+    from napari_crossd._widgets._inspector_views import FilterRequest, kernel_view_job
+    from napari_crossd.engine import run_job
+
+    torch.manual_seed(0)
+    conv = CrossDConv(4, 6, 3, padding=1, rotation="static")
+    with torch.no_grad():
+        conv.rotation_vector.copy_(torch.tensor([[0.0, 0.3, 0.4]]))
+    conv.eval()
+    view, shown = run_job(kernel_view_job(conv, "conv", FilterRequest(2, 1, "h", 0.0, learned=True)))
+    assert shown.what == "learned static rotation"
+    np.testing.assert_allclose(shown.rotation.rotvec, [0.0, 0.3, 0.4])
+    assert shown.rotation.describe() == "28.65 deg about (d, h, w) = (0.000, 0.600, 0.800)"
+    np.testing.assert_array_equal(shown.rotation.u, conv.weights_3d.detach()[2, 1].numpy())
+    np.testing.assert_array_equal(shown.values, layer_kernels(conv)[2, 1].numpy())  # the 3D forward's kernel
+    with torch.no_grad():
+        np.testing.assert_allclose(shown.rotation.applied, conv.weight[2, 1].numpy(), atol=1e-5)
+    # The display rotation instead: the sliders' axis and angle.
+    _, shown = run_job(kernel_view_job(conv, "conv", FilterRequest(2, None, "d", math.radians(20.0)), view))
+    assert shown.what == "display rotation"
+    np.testing.assert_allclose(shown.rotation.rotvec, [math.radians(20.0), 0.0, 0.0])

@@ -362,12 +362,24 @@ def test_cancel_and_failure_keep_layers(qtbot, viewer_with_crop, mni_crop_files,
     assert_unchanged(viewer, before)
 
 
-def test_inspector_layers(qtbot, viewer_with_crop, crossd_mobilenet_checkpoint, errors):
-    viewer, image = viewer_with_crop
+def inspector_layer(viewer, role):
+    from napari_crossd._widgets.inspector import ROLE
+
+    [layer] = [layer for layer in viewer.layers if layer.metadata.get(ROLE) == role and layer.visible]
+    return layer
+
+
+def test_inspector_overview_picked_filter_rotation_and_phase(qtbot, viewer_with_crop, errors):
+    """On the shipped default model (Cross-D MobileNetV2, dynamic rotation): what each layer shows, in numbers."""
+    from napari_crossd.models.inspect import PHASE_FLOOR, rotate_bank
+
+    viewer, _ = viewer_with_crop
     load_model_in_widget(qtbot, viewer)
     inspector = dock(viewer, "Inspector (kernels, rotations, phase)")
     assert inspector.layer.value == "features.0.0"
-    assert not any(layer.name.startswith("Cross-D") for layer in viewer.layers)  # nothing until asked
+    assert not any("crossd_inspector" in layer.metadata for layer in viewer.layers)  # nothing until asked
+    u = inspector.session.model2d.get_submodule("features.0.0").weights_3d.detach().float().numpy()
+    assert u.shape == (32, 3, 3, 3, 3)
 
     def kernels_shown():  # kernels are computed in a worker
         qtbot.waitUntil(lambda: not inspector.kernel_jobs.busy, timeout=WAIT_MS)
@@ -375,48 +387,87 @@ def test_inspector_layers(qtbot, viewer_with_crop, crossd_mobilenet_checkpoint, 
 
     inspector.show_button.changed.emit(True)
     kernels_shown()
-    kernels = viewer.layers["Cross-D kernels"]
-    assert kernels.rgb and kernels.data.shape == (3, 23, 23, 3)  # 32 RGB kernels in 6 x 6 tiles
-    # The kernel depth spans the volume's Z extent, so the dims slider steps through both.
-    assert kernels.scale[0] * 3 == pytest.approx(32.0)
-    rotated = viewer.layers["Cross-D rotated kernels"]
-    phase = viewer.layers["Cross-D phase shift"]
-    assert rotated.data.shape == (3, 23, 23, 3)
-    assert phase.data.shape == (3, 32 * 4 - 1, 3 * 4 - 1)
-    assert np.abs(phase.data).max() <= np.pi + 1e-6
-    # The default model is a Cross-D network with rotation predicted per input.
+    # Overview: 32 RGB filters in 6 x 6 tiles, sorted by norm, each scaled to its own peak.
+    overview = inspector_layer(viewer, "overview")
+    assert overview.rgb and overview.data.shape == (3, 23, 23, 3)
+    assert overview.name == "features.0.0: all 32 filters by norm, each scaled to its peak"
+    assert overview.scale[0] * 3 == pytest.approx(32.0)  # kernel depth spans the volume's Z extent
+    norms = np.sqrt((u.reshape(32, -1) ** 2).sum(1))
+    order = inspector.view.order
+    assert np.all(np.diff(norms[order]) <= 0)
+    first = u[order[0]].transpose(1, 2, 3, 0)  # (d, h, w, rgb)
+    np.testing.assert_allclose(overview.data[:, :3, :3], 0.5 + 0.5 * first / np.abs(first).max(), atol=1e-6)
+
+    # One filter closely: output 5, input 1, its depth slices side by side, the model's own values.
+    inspector.output.value = 5
+    inspector.input.value = 1
+    kernels_shown()
+    strip = inspector_layer(viewer, "filter")
+    assert strip.name == "features.0.0 o5 i1: depth slices d=0..2 side by side"
+    assert strip.data.shape == (3, 11)
+    for d in range(3):
+        np.testing.assert_array_equal(strip.data[:, 4 * d : 4 * d + 3], u[5, 1, d])
+    assert np.isnan(strip.data[:, 3]).all() and np.isnan(strip.data[:, 7]).all()
+    # One colour scale for the filter and its rotation (30 deg about h, the default): symmetric.
+    turned = rotate_bank(torch.as_tensor(u[5, 1])[None, None], "h", np.radians(30.0))[0, 0].numpy()
+    limit = max(float(np.abs(u[5, 1]).max()), float(np.abs(turned).max()))
+    assert tuple(strip.contrast_limits) == pytest.approx((-limit, limit))
+    assert tuple(inspector_layer(viewer, "rotation").contrast_limits) == pytest.approx((-limit, limit))
+    assert strip.colorbar.visible and strip.colormap.name == "PiYG"
+    assert f"{u[5, 1, 0, 0, 0]:+.3f}" in inspector.filter_numbers.value
+    # The outline sits on the filter's tile of the overview (tiles are 3 x 3 pixels, 1 apart).
+    outline = inspector_layer(viewer, "outline")
+    position = int(np.nonzero(order == 5)[0][0])
+    row, col = divmod(position, 6)
+    (_, sy, sx), (_, ty, tx) = overview.scale, overview.translate
+    np.testing.assert_allclose(outline.data[0].min(0), [ty + (4 * row - 0.5) * sy, tx + (4 * col - 0.5) * sx])
+    inspector.input.value = -1  # mean over inputs
+    kernels_shown()
+    np.testing.assert_allclose(strip.data[:, 4:7], u[5].mean(0)[1], rtol=1e-6)
+
+    # U | rotated U | applied 2D kernel, one symmetric colour scale; phase masked where no energy.
+    # Filter 14 (mean over inputs) at 40 deg about h: 3 of its 27 spectrum bins (U's or the
+    # rotated U's) are below 5% of the peak amplitude (measured on the shipped weights).
+    inspector.output.value = 14
+    inspector.angle.value = 40.0
+    kernels_shown()
+    rotation = inspector_layer(viewer, "rotation")
+    assert rotation.data.shape == (3, 3, 11)
+    expected = rotate_bank(torch.as_tensor(u[14].mean(0))[None, None], "h", np.radians(40.0))[0, 0].numpy()
+    np.testing.assert_allclose(rotation.data[:, :, :3], u[14].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(rotation.data[:, :, 4:7], expected, atol=1e-6)
+    for d in range(3):  # the 2D kernel is the rotated U's central slice, shown on every depth plane
+        np.testing.assert_allclose(rotation.data[d, :, 8:], expected[1], atol=1e-6)
+    low, high = rotation.contrast_limits
+    assert low == -high and high == pytest.approx(max(np.abs(u[14].mean(0)).max(), np.abs(expected).max()))
+    phase, amplitude = inspector_layer(viewer, "phase"), inspector_layer(viewer, "amplitude")
+    assert phase.data.shape == amplitude.data.shape == (3, 3, 3)
+    spectrum = np.abs(np.fft.fftshift(np.fft.fftn(u[14].mean(0))))
+    turned = np.abs(np.fft.fftshift(np.fft.fftn(expected)))
+    masked = (spectrum <= PHASE_FLOOR * spectrum.max()) | (turned <= PHASE_FLOOR * turned.max())
+    np.testing.assert_array_equal(np.isnan(phase.data), masked)
+    assert masked.sum() == 3 and np.abs(phase.data[~masked]).max() <= 180.0
+    np.testing.assert_allclose(amplitude.data, spectrum / spectrum.max(), atol=1e-6)
+    assert tuple(phase.contrast_limits) == (-180.0, 180.0) and phase.colorbar.visible
+    assert "masked below 5% amplitude" in phase.name
     assert inspector.rotation_info.value.startswith("dynamic rotation: predicted per slice")
+    assert "shown: display rotation, 40.00 deg about (d, h, w) = (0.000, 1.000, 0.000)" in inspector.rotation_info.value
 
-    # Live: a new angle or layer updates the same layers.
-    first = np.array(rotated.data)
-    inspector.angle.value = 90.0
+    # A depthwise layer: 32 filters of one input each, grey tiles.
+    inspector.layer.value = "features.1.conv.0.0"
     kernels_shown()
-    assert not np.allclose(rotated.data, first)
-    assert viewer.layers["Cross-D rotated kernels"] is rotated
-    inspector.layer.value = "features.1.conv.0.0"  # 32 depthwise 3x3x3 kernels
-    kernels_shown()
-    assert viewer.layers["Cross-D kernels"].data.shape == (3, 23, 23)
-    assert not viewer.layers["Cross-D kernels"].rgb
+    assert inspector_layer(viewer, "overview").data.shape == (3, 23, 23)
+    assert not inspector_layer(viewer, "overview").rgb
+    assert inspector.output.max == 31 and inspector.input.choices == (-1, 0)
+    assert errors == []
 
-    # Feature maps of a chosen channel, on the volume's grid (level 0 has stride 2).
-    inspector.level.value = 0
-    inspector.show_features()
-    wait_idle(qtbot, inspector)
-    assert inspector.runner.last_status == "done", inspector.runner.last_error
-    inspector.channel.value = 5
-    feature = next(layer for layer in viewer.layers if layer.name.startswith("Cross-D feature map"))
-    assert feature.name == "Cross-D feature map L0 c5" and feature.data.shape == (16, 32, 32)
-    assert tuple(feature.scale) == (2.0, 2.0, 2.0)
-    np.testing.assert_allclose(feature.translate, np.asarray(image.translate) + 0.5)
 
-    # A Cross-D checkpoint with dynamic rotation: the distribution over the volume's 32 slices.
-    loader = dock(viewer, "Model (load and inflate weights)")
-    loader.checkpoint.value = str(crossd_mobilenet_checkpoint)
-    loader.load()
-    wait_idle(qtbot, loader)
-    assert loader.session.info["arch"] == "crossd_mobilenet_v2"
-    inspector.layer.value = "features.2.conv.1.0"
-    kernels_shown()
+def test_inspector_learned_rotations_and_feature_maps(qtbot, viewer_with_crop, errors):
+    viewer, image = viewer_with_crop
+    load_model_in_widget(qtbot, viewer)
+    inspector = dock(viewer, "Inspector (kernels, rotations, phase)")
+    inspector.layer.value = "features.2.conv.1.0"  # picking a layer shows it
+    qtbot.waitUntil(lambda: not inspector.kernel_jobs.busy, timeout=WAIT_MS)
     assert inspector.rotation_button.enabled
     inspector.slice_rotations()
     wait_idle(qtbot, inspector)
@@ -424,8 +475,35 @@ def test_inspector_layers(qtbot, viewer_with_crop, crossd_mobilenet_checkpoint, 
     axes, angles = inspector.rotations
     assert axes.shape == (32, 3) and angles.shape == (32,)
     assert np.abs(angles).max() <= np.pi / 4
-    assert sum(inspector.rotation_plot.values) == 32
+    assert sum(inspector.rotation_plot.values) == 32 and len(inspector.rotation_plot.values) == 20
     assert inspector.rotation_info.value.startswith("dynamic rotation over 32 slices")
+    vectors = inspector_layer(viewer, "axes")
+    assert vectors.data.shape == (32, 2, 3)
+    np.testing.assert_allclose(np.linalg.norm(vectors.data[:, 1], axis=1), 0.4 * 64)  # 64 mm in-plane extent
+    z_world = [image.data_to_world((z, 0, 0))[0] for z in range(32)]
+    np.testing.assert_allclose(vectors.data[:, 0, 0], z_world)  # each slice's arrow starts in that slice
+    np.testing.assert_allclose(vectors.features["angle (deg)"], np.degrees(angles))
+
+    # The learned rotation of the slice under the dims slider: the 2D kernel this slice gets.
+    inspector.mode.value = "learned by the layer"
+    viewer.dims.set_point(0, image.data_to_world((7, 0, 0))[0])
+    qtbot.waitUntil(lambda: not inspector.kernel_jobs.busy, timeout=WAIT_MS)
+    shown = inspector.shown
+    assert shown.what == "learned rotation predicted for slice 7"
+    np.testing.assert_allclose(shown.rotation.rotvec, axes[7] * angles[7])
+
+    # Feature maps of a chosen channel, on the volume's grid (level 0 has stride 2), over the image.
+    inspector.level.value = 0
+    inspector.show_features()
+    wait_idle(qtbot, inspector)
+    assert inspector.runner.last_status == "done", inspector.runner.last_error
+    inspector.channel.value = 5
+    feature = inspector_layer(viewer, "feature map")
+    assert feature.name == "feature map level 0 channel 5 (stride 2 x 2 x 2) over mni_t1_crop"
+    assert feature.data.shape == (16, 32, 32)
+    assert tuple(feature.scale) == (2.0, 2.0, 2.0)
+    np.testing.assert_allclose(feature.translate, np.asarray(image.translate) + 0.5)
+    assert tuple(feature.contrast_limits) == pytest.approx((feature.data.min(), feature.data.max()))
     assert errors == []
 
 
@@ -457,19 +535,27 @@ def test_inspector_computes_off_the_gui_thread_and_the_latest_angle_wins(qtbot, 
     qtbot.waitUntil(lambda: not inspector.kernel_jobs.busy, timeout=WAIT_MS)
     assert inspector.kernel_jobs.runner.last_status == "done", inspector.kernel_jobs.runner.last_error
     assert calls == [(30, False), (50, False)]  # 10, 20 and 40 were replaced while 30 ran
-    view = inspector.view
-    expected = inspect.kernel_grid(rotate_bank(view.bank, "h", math.radians(50.0)) / view.grid.peak)
-    expected = np.clip(0.5 + (expected.data - 0.5) * expected.peak, 0.0, 1.0)  # RGB, in the kernels' unit
-    np.testing.assert_allclose(viewer.layers["Cross-D rotated kernels"].data, expected, atol=1e-6)
+    u = inspector.view.u[0].mean(0)  # output 0, mean over inputs: the defaults
+    expected = rotate_bank(u[None, None], "h", math.radians(50.0))[0, 0].numpy()
+    np.testing.assert_allclose(inspector_layer(viewer, "rotation").data[:, :, 4:7], expected, atol=1e-6)
     assert errors == []
 
 
 def test_demo_window_docks_widgets_and_loads_sample_and_weights(qtbot, make_napari_viewer, errors):
     from napari_crossd.demo import open_viewer
 
-    viewer, widgets = open_viewer(region="small", viewer=make_napari_viewer())
+    viewer, widgets = open_viewer(region="small", viewer=make_napari_viewer(show=True))
     assert set(widgets) == {"Model", "Run", "Fine-tune", "Inspector"}
     assert len(viewer.window.dock_widgets) == 4
+    # Tabbed, not stacked: every widget one click away, the canvas most of a 1600 x 1000 window.
+    from qtpy.QtWidgets import QDockWidget
+
+    window = viewer.window._qt_window
+    docks = [w for w in window.findChildren(QDockWidget) if w.windowTitle().endswith("(napari-crossd)")]
+    assert len(docks) == 4 and len(window.tabifiedDockWidgets(docks[0])) == 3
+    window.resize(1600, 1000)
+    qtbot.wait(200)
+    assert viewer.window._qt_viewer.canvas.native.width() >= 800
     image, tissue = viewer.layers["MNI152 T1"], viewer.layers["MNI152 tissue"]
     assert image.data.shape == tissue.data.shape == (32, 64, 64)
     assert tuple(image.translate) == (-12.0, -114.0, -32.0)

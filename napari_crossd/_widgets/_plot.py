@@ -12,18 +12,23 @@ __all__ = ["CurvePlot"]
 
 
 class CurvePlot(QWidget):
-    """Values drawn as a polyline (``bars=False``) or a histogram (``bars=True``) with their range."""
+    """Values drawn as a polyline (``bars=False``) or a histogram (``bars=True``) with their range.
+
+    ``labels``: (left, right) or (left, centre, right) texts under the x axis; a histogram
+    also shows its largest count at the top of the y axis (``y_label`` names the counts).
+    """
 
     def __init__(self, title: str, *, bars: bool = False, parent=None) -> None:
         super().__init__(parent)
         self.title = title
         self.bars = bars
         self.values: list[float] = []
-        self.labels: tuple[str, str] = ("", "")
+        self.labels: tuple[str, ...] = ("", "")
+        self.y_label = "count"
         self.setMinimumHeight(110)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
 
-    def set_values(self, values, labels: tuple[str, str] = ("", "")) -> None:
+    def set_values(self, values, labels: tuple[str, ...] = ("", "")) -> None:
         self.values = [float(v) for v in values]
         self.labels = labels
         self.update()
@@ -48,7 +53,10 @@ class CurvePlot(QWidget):
         painter.drawText(QRectF(rect.left(), rect.bottom() + 2, rect.width(), 14),
                          int(Qt.AlignmentFlag.AlignLeft), self.labels[0])
         painter.drawText(QRectF(rect.left(), rect.bottom() + 2, rect.width(), 14),
-                         int(Qt.AlignmentFlag.AlignRight), self.labels[1])
+                         int(Qt.AlignmentFlag.AlignRight), self.labels[-1])
+        if len(self.labels) == 3:
+            painter.drawText(QRectF(rect.left(), rect.bottom() + 2, rect.width(), 14),
+                             int(Qt.AlignmentFlag.AlignHCenter), self.labels[1])
         if not values:
             painter.end()
             return
@@ -64,6 +72,9 @@ class CurvePlot(QWidget):
             for i, v in enumerate(values):
                 h = rect.height() * (v - low) / span
                 painter.drawRect(QRectF(rect.left() + i * width, rect.bottom() - h, max(width - 1, 1), h))
+            painter.setPen(QColor(200, 200, 200))
+            painter.drawText(QRectF(rect.left() + 4, rect.top(), rect.width() - 8, 14),
+                             int(Qt.AlignmentFlag.AlignLeft), f"{high:.0f} {self.y_label}")
         else:
             points = QPolygonF([
                 QPointF(rect.left() + rect.width() * (i / max(n - 1, 1)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
@@ -102,6 +103,10 @@ class ModelWidget(Container):
             self.session.device = self.device.value
             self.status.value = describe(info)
             self.events.model_changed.emit(model3d)
+            # Everything alive now (napari, Qt, torch, the model: ~600k objects) leaves the cyclic
+            # collector's sight; refcounting still frees it. A full collection, which napari runs for
+            # every layer removed, then takes ~0 ms instead of ~280 ms of GUI-thread stall.
+            gc.freeze()
 
         return self.runner.start(lambda: load_job(path, arch, strategy), done, "Load model",
                                  on_error=lambda _err: setattr(self.status, "value", self._status_after_error()))

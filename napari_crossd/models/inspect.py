@@ -19,6 +19,11 @@ in plane d of the grid, so napari's dims slider steps through the kernels' depth
 * :func:`feature_maps`: a backbone level's feature maps on a volume, at the level's own
   resolution, with the zoom back to the volume's grid.
 * :func:`input_channels`: what the network's first convolution reads.
+* One filter closely: :func:`filter_overview` (the layer's filters sorted by norm, each
+  scaled to its own peak), :func:`pick_filter`, :func:`depth_strip` (its depth slices side
+  by side), :func:`rotate_filter` (U, rotated U and the 2D kernel a 2D forward applies),
+  :func:`filter_spectrum` (phase shift in degrees, masked where the spectrum has no energy,
+  and the amplitude).
 """
 
 from __future__ import annotations
@@ -33,17 +38,28 @@ from torch import nn
 from ..core import CrossDConv, rotate_kernels, static_kernels
 
 __all__ = [
+    "PHASE_FLOOR",
+    "FilterRotation",
     "KernelGrid",
     "LearnedRotation",
     "conv_layers",
+    "depth_strip",
     "dynamic_rotations",
     "feature_maps",
+    "filter_overview",
+    "filter_spectrum",
     "input_channels",
     "kernel_grid",
     "layer_kernels",
+    "layer_u",
     "learned_rotation",
+    "norm_order",
     "phase_shift",
+    "pick_filter",
     "rotate_bank",
+    "rotate_filter",
+    "side_by_side",
+    "symmetric_limit",
 ]
 
 _CONVS = (nn.Conv2d, nn.Conv3d)  # CrossDConv is an nn.Conv2d
@@ -378,3 +394,139 @@ def feature_maps(model3d: nn.Module, net_input: torch.Tensor, level: int) -> tup
         model3d.train(was_training)
     zoom = np.asarray(net_input.shape[1:], dtype=np.float64) / np.asarray(maps.shape[1:], dtype=np.float64)
     return maps.float().cpu().numpy(), zoom
+
+
+# -- one filter, looked at closely ------------------------------------------------------------
+PHASE_FLOOR = 0.05
+"""Spectrum bins whose amplitude is below this fraction of the filter's largest are masked
+(NaN) in :func:`filter_spectrum`: their phase says nothing."""
+
+
+def norm_order(bank: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Output channels of a bank (C_out, ...) by L2 norm, largest first (ties: lower index first)."""
+    flat = np.asarray(torch.as_tensor(bank).detach().double().cpu().flatten(1).norm(dim=1))
+    return np.argsort(-flat, kind="stable")
+
+
+def filter_overview(bank: torch.Tensor, *, max_out: int = 32, max_in: int = 16) -> tuple[KernelGrid, np.ndarray]:
+    """The layer's filters as a :class:`KernelGrid`, sorted by norm and each scaled to its own peak.
+
+    Each output channel's kernels (all its inputs) are divided by their max |w|, so every
+    filter's pattern is visible whatever its size (torchvision / lucent style); rows (or
+    tiles) run from the largest-norm filter down. The grid's ``peak`` is 1.
+
+    Returns:
+        (grid, order): ``order[r]`` is the output channel drawn in row (or tile) ``r``; only the
+        first ``max_out`` of the order are drawn.
+    """
+    bank = torch.as_tensor(bank).detach().float().cpu()
+    order = norm_order(bank)
+    drawn = bank[torch.as_tensor(order[:max_out].copy())]
+    peaks = drawn.flatten(1).abs().amax(dim=1).clamp_min(1e-30)
+    unit = drawn / peaks.view(-1, *([1] * (drawn.ndim - 1)))
+    return kernel_grid(unit, max_out=max_out, max_in=max_in), order
+
+
+def pick_filter(bank: torch.Tensor | np.ndarray, output: int, input_: int | None = None) -> np.ndarray:
+    """One 3D kernel of a bank: (k_d, k_h, k_w) float32, ``bank[output, input_]`` or, with
+    ``input_=None``, the mean over the filter's inputs."""
+    bank = torch.as_tensor(bank).detach().float().cpu()
+    if not 0 <= output < bank.shape[0]:
+        raise ValueError(f"output channel must be in 0..{bank.shape[0] - 1}; got {output}")
+    if input_ is None:
+        return bank[output].mean(0).numpy()
+    if not 0 <= input_ < bank.shape[1]:
+        raise ValueError(f"input channel must be in 0..{bank.shape[1] - 1}; got {input_}")
+    return bank[output, input_].numpy().copy()
+
+
+def side_by_side(*volumes: np.ndarray, gap: int = 1) -> np.ndarray:
+    """Equal-shape (..., h, w) arrays laid along the last axis, ``gap`` NaN columns apart."""
+    shape = volumes[0].shape
+    if any(v.shape != shape for v in volumes):
+        raise ValueError(f"side_by_side needs equal shapes; got {[v.shape for v in volumes]}")
+    blank = np.full((*shape[:-1], gap), np.nan, dtype=np.float32)
+    parts = []
+    for i, volume in enumerate(volumes):
+        parts += ([blank] if i else []) + [np.asarray(volume, dtype=np.float32)]
+    return np.concatenate(parts, axis=-1)
+
+
+def depth_strip(kernel: np.ndarray, gap: int = 1) -> np.ndarray:
+    """A (k_d, k_h, k_w) kernel's depth slices side by side: (k_h, k_d * (k_w + gap) - gap),
+    slice d in columns ``d * (k_w + gap)`` onwards, NaN between slices."""
+    return side_by_side(*kernel, gap=gap)
+
+
+def symmetric_limit(*arrays: np.ndarray) -> float:
+    """max |value| over arrays (NaN ignored): colour limits (-limit, limit) centre zero; 1 if all zero."""
+    peak = max(float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 0.0 for a in arrays)
+    return peak if peak > 0 else 1.0
+
+
+def filter_spectrum(
+    kernel: np.ndarray, rotated: np.ndarray, floor: float = PHASE_FLOOR
+) -> tuple[np.ndarray, np.ndarray]:
+    """Phase shift (degrees) of one kernel's rotation and the spectrum amplitude behind it.
+
+    Args:
+        kernel, rotated: U and the rotated U, (k, k, k).
+        floor: bins where either spectrum's amplitude is below ``floor`` x its largest are
+            masked.
+
+    Returns:
+        (phase, amplitude), both (k, k, k) float32, zero frequency at the centre (``fftshift``):
+        phase = ``angle(FFT3(rotated)) - angle(FFT3(U))`` in degrees in (-180, 180], NaN where
+        masked; amplitude = |FFT3(U)| / its max (0..1).
+    """
+    u = torch.as_tensor(np.asarray(kernel), dtype=torch.float64)
+    r = torch.as_tensor(np.asarray(rotated), dtype=torch.float64)
+    if u.shape != r.shape or u.ndim != 3:
+        raise ValueError(f"kernel and rotated must both be (k, k, k); got {tuple(u.shape)} and {tuple(r.shape)}")
+    spectrum, turned = torch.fft.fftn(u), torch.fft.fftn(r)
+    magnitude, turned_magnitude = spectrum.abs(), turned.abs()
+    peak = float(magnitude.max())
+    amplitude = magnitude / peak if peak > 0 else magnitude
+    turned_peak = float(turned_magnitude.max())
+    defined = (magnitude > floor * peak) & (turned_magnitude > floor * turned_peak)
+    phase = torch.rad2deg(torch.angle(turned * spectrum.conj()))
+    phase = torch.where(defined, phase, torch.full_like(phase, math.nan))
+    return (torch.fft.fftshift(phase).float().numpy(), torch.fft.fftshift(amplitude).float().numpy())
+
+
+def layer_u(module: nn.Module) -> torch.Tensor:
+    """The layer's own 3D kernel before any rotation: a CrossDConv's U (padded to its support),
+    else :func:`layer_kernels`."""
+    if isinstance(module, CrossDConv):
+        with torch.no_grad():
+            return static_kernels(module.weights_3d.detach().float(), None, support=module.kernel_support).cpu()
+    return layer_kernels(module)
+
+
+@dataclass(frozen=True)
+class FilterRotation:
+    """One filter rotated: U, the rotated U and the 2D kernel it gives (the central slice).
+
+    Attributes:
+        u, rotated: (k, k, k); applied: (k, k), ``rotated[k // 2]``, what a 2D forward with this
+        rotation convolves with; rotvec: (3,) the rotation, axis x angle (radians, (d, h, w)).
+    """
+
+    u: np.ndarray
+    rotated: np.ndarray
+    applied: np.ndarray
+    rotvec: np.ndarray
+
+    def describe(self) -> str:
+        angle = float(np.linalg.norm(self.rotvec))
+        axis = self.rotvec / angle if angle > 0 else np.zeros(3)
+        return (f"{math.degrees(angle):.2f} deg about (d, h, w) = ({axis[0]:.3f}, {axis[1]:.3f}, {axis[2]:.3f})")
+
+
+def rotate_filter(u: np.ndarray, rotvec) -> FilterRotation:
+    """``u`` (k, k, k) rotated exactly by the axis-angle ``rotvec`` ((3,), radians, (d, h, w))."""
+    vector = np.asarray(rotvec, dtype=np.float64).reshape(3)
+    angle = float(np.linalg.norm(vector))
+    kernel = torch.as_tensor(np.asarray(u, dtype=np.float32))[None, None]
+    rotated = rotate_bank(kernel, vector if angle > 0 else (1.0, 0.0, 0.0), angle)[0, 0].numpy()
+    return FilterRotation(np.asarray(u, dtype=np.float32), rotated, rotated[rotated.shape[0] // 2].copy(), vector)
