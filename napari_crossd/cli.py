@@ -23,7 +23,6 @@ from . import __version__
 from .demo import REGIONS
 from .demo import main as run_demo
 from .engine import (
-    Annotations,
     Segmenter,
     finetune_pairs_job,
     load_segmenter,
@@ -32,6 +31,7 @@ from .engine import (
     run_job,
     save_segmenter,
 )
+from .engine.annotations import annotations_of_volumes
 from .engine.batch import features_files_job, output_paths, read_pairs, segment_files_job
 from .engine.cluster import DEFAULT_BLOCK
 from .engine.devices import DEVICES
@@ -182,9 +182,8 @@ def _features(args: argparse.Namespace) -> None:
         _report(_run(job))
 
 
-def _read_annotations(path: Path, shape: tuple, min_classes: int):
-    """The strokes of a label file (the one label rule: :class:`~napari_crossd.engine.Annotations`)."""
-
+def _label_array(path: Path, shape: tuple) -> np.ndarray:
+    """A label file's integer array, on the image's grid."""
     labels = np.asarray(read_volume(path).data)
     if labels.shape != shape:
         raise ValueError(f"{path.name} has shape {labels.shape}; expected the image's {shape}.")
@@ -192,14 +191,19 @@ def _read_annotations(path: Path, shape: tuple, min_classes: int):
         if not np.array_equal(labels, np.round(labels)):
             raise ValueError(f"{path.name} holds non-integer values: expected 0 (not annotated) and 1..N.")
         labels = labels.astype(np.int64)
-    try:
-        annotations = Annotations.from_labels(labels, shape, min_classes=min_classes)
-    except ValueError as err:
-        raise ValueError(f"{path.name}: {err}") from None
-    if annotations.num_classes > 64:
-        raise ValueError(f"{path.name} has labels up to {annotations.num_classes}: expected a few classes "
-                         "(0 = not annotated, 1..N). Is it the image instead of the labels?")
-    return annotations
+    return labels
+
+
+def _read_strokes(files: list[tuple[Path, Path]], volumes) -> list:
+    """The strokes of every label file, one file in memory at a time (the one label rule)."""
+    shapes = [v.data.shape for v in volumes]
+    arrays = (_label_array(labels, shape) for (_, labels), shape in zip(files, shapes, strict=True))
+    strokes = annotations_of_volumes(arrays, shapes, [labels.name for _, labels in files])
+    for (_, labels), painted in zip(files, strokes, strict=True):
+        if painted.num_classes > 64:
+            raise ValueError(f"{labels.name} has labels up to {painted.num_classes}: expected a few classes "
+                             "(0 = not annotated, 1..N). Is it the image instead of the labels?")
+    return strokes
 
 
 def _training_files(args: argparse.Namespace) -> list[tuple[Path, Path]]:
@@ -215,9 +219,7 @@ def _training_files(args: argparse.Namespace) -> list[tuple[Path, Path]]:
 def _finetune(args: argparse.Namespace) -> None:
     files = _training_files(args)
     volumes = [read_volume(image, spacing=args.spacing) for image, _ in files]
-    min_classes = 1 if len(files) > 1 else 2  # two classes over all pairs together
-    strokes = [_read_annotations(labels, v.data.shape, min_classes) for (_, labels), v in
-               zip(files, volumes, strict=True)]
+    strokes = _read_strokes(files, volumes)
     if Path(args.model).is_dir():
         segmenter = load_segmenter(args.model)
         print(f"retraining {args.model} ({segmenter.trained_voxels:,} voxels last time) on "

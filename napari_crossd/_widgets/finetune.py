@@ -135,16 +135,11 @@ class FinetuneWidget(Container):
     def _annotations(self, pairs) -> list:
         """Each strokes layer checked by the engine's label rule, before anything starts."""
         # torch on first use: npe2 imports the widget modules before any model is loaded
-        from napari_crossd.engine import Annotations
+        from napari_crossd.engine.annotations import annotations_of_volumes
 
-        annotations = []
-        for _, strokes in pairs:
-            labels = np.array(strokes.data)  # a snapshot: painting may go on while training runs
-            try:
-                annotations.append(Annotations.from_labels(labels, min_classes=1 if len(pairs) > 1 else 2))
-            except ValueError as err:
-                raise ValueError(f"{strokes.name}: {err}" if len(pairs) > 1 else str(err)) from None
-        return annotations
+        snapshots = (np.array(strokes.data) for _, strokes in pairs)  # painting may go on while training runs
+        return annotations_of_volumes(snapshots, [strokes.data.shape for _, strokes in pairs],
+                                      [strokes.name for _, strokes in pairs])
 
     def train(self, _=None):
         try:

@@ -9,11 +9,12 @@ Convention:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Annotations"]
+__all__ = ["Annotations", "annotations_of_volumes"]
 
 # Held-out groups for choosing settings: the painted planes along the axis with fewest of
 # them, when there are at most this many (strokes on slices); otherwise 8^3 blocks.
@@ -121,3 +122,44 @@ class Annotations:
             keep.append(index if index.size <= cap else rng.choice(index, cap, replace=False))
         keep = np.sort(np.concatenate(keep))
         return Annotations(self.coords[keep], self.classes[keep], self.shape, self.num_classes)
+
+
+def annotations_of_volumes(
+    labels: Iterable, shapes: Sequence[tuple[int, ...]], names: Sequence[str], num_classes: int | None = None
+) -> list[Annotations]:
+    """The label rule for volumes trained together: each label volume (or its
+    :class:`Annotations`) checked against its image's shape; each needs one painted class,
+    all of them together two (one volume alone: two).
+
+    Args:
+        labels: per volume, a label array or :class:`Annotations` (read one at a time: a
+            generator keeps only one label volume in memory).
+        shapes: per volume, its image's shape.
+        names: per volume, a name for the error messages of several volumes.
+        num_classes: the model's number of classes N (None: the highest label painted).
+    """
+    many = len(shapes) > 1
+    annotations = []
+    for item, shape, name in zip(labels, shapes, names, strict=True):
+        try:
+            annotations.append(_checked(item, tuple(shape), num_classes, 1 if many else 2))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}" if many else str(err)) from None
+    if not annotations:
+        raise ValueError("No (volume, labels) pairs to train on.")
+    painted = sorted(set().union(*(a.painted_classes for a in annotations)))
+    if len(painted) < 2:
+        raise ValueError(f"Only class {painted[0]} is annotated in all {len(annotations)} volumes: paint strokes "
+                         "of at least two classes so there is something to tell apart.")
+    return annotations
+
+
+def _checked(item, shape: tuple[int, ...], num_classes: int | None, min_classes: int) -> Annotations:
+    if not isinstance(item, Annotations):
+        return Annotations.from_labels(item, shape, num_classes, min_classes)
+    if item.shape != shape:
+        raise ValueError(f"The annotations are of shape {item.shape}; expected the image's shape {shape}.")
+    if num_classes is not None and item.painted_classes[-1] > num_classes:
+        raise ValueError(f"Labels must be 0 (not annotated) or 1..{num_classes} for this model's {num_classes} "
+                         f"classes; found {item.painted_classes[-1]}.")
+    return item

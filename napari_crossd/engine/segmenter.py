@@ -30,7 +30,7 @@ from torch import nn
 
 from ..io import load_model, save_model
 from ..io.atomic import atomic_directory
-from .annotations import Annotations
+from .annotations import Annotations, annotations_of_volumes
 from .classifier import ForestClassifier
 from .devices import release_memory, resolve_device
 from .encoder_tuning import tune_encoder_job
@@ -260,28 +260,10 @@ def _per_pair(spacing, count: int) -> list:
 def _annotations_of(pairs, names, num_classes: int, max_points: int, seed: int) -> list[Annotations]:
     """Every pair's :class:`Annotations` (checked by the one label rule), together at most
     ``max_points`` voxels."""
-    if not len(pairs):
-        raise ValueError("No (volume, labels) pairs to train on.")
-    annotations = []
-    for (volume, labels, *_), name in zip(pairs, names, strict=True):
+    for volume, *_ in pairs:
         check_volume(volume)
-        if isinstance(labels, Annotations):
-            if labels.shape != tuple(volume.shape):
-                raise ValueError(f"{name}: the annotations are of shape {labels.shape}; the image is {volume.shape}.")
-            if labels.painted_classes[-1] > num_classes:
-                raise ValueError(f"{name}: labels must be 0 (not annotated) or 1..{num_classes} for this model's "
-                                 f"{num_classes} classes; found {labels.painted_classes[-1]}.")
-            annotations.append(labels)
-            continue
-        try:
-            annotations.append(Annotations.from_labels(labels, volume.shape, num_classes,
-                                                       min_classes=1 if len(pairs) > 1 else 2))
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}" if len(pairs) > 1 else str(err)) from None
-    painted = sorted(set().union(*(a.painted_classes for a in annotations)))
-    if len(painted) < 2:
-        raise ValueError(f"Only class {painted[0]} is annotated in all {len(pairs)} volumes: paint strokes of at "
-                         "least two classes so there is something to tell apart.")
+    annotations = annotations_of_volumes((labels for _, labels, *_ in pairs), [v.shape for v, *_ in pairs], names,
+                                         num_classes)
     total = sum(len(a) for a in annotations)
     return [a.subsample(max(1, max_points * len(a) // total), seed) for a in annotations]
 
