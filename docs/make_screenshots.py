@@ -28,18 +28,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
+REFERENCE_SLICES = 5
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--region", default="slab", choices=("full", "slab", "small"))
     parser.add_argument("--no-stall-report", action="store_true", help="do not write benchmarks/results/gui_stall.md")
+    parser.add_argument("--stall-stacks", metavar="FILE",
+                        help="also sample the GUI thread's stack during stalls over 50 ms and write, per job, "
+                             "the functions it was in (for finding what stalls; adds a little load)")
     args = parser.parse_args()
 
     import imageio.v3 as iio
     from napari.qt import get_qapp
 
-    from napari_crossd._widgets._stall import StallMeter
+    from napari_crossd._widgets._stall import StallMeter, StallSampler
     from napari_crossd._widgets.inspector import ROLE
     from napari_crossd.datasets import MNI_CLASSES
     from napari_crossd.demo import open_viewer
@@ -49,6 +53,8 @@ def main() -> None:
     app = get_qapp()
     meter = StallMeter(10)
     jobs: list[tuple[str, float, float, int]] = []  # (job, seconds, worst stall ms, heartbeats)
+    sampler = StallSampler(meter) if args.stall_stacks else None
+    stack_reports: list[str] = []
 
     def settle(seconds: float = 0.3) -> None:
         end = time.perf_counter() + seconds
@@ -63,7 +69,12 @@ def main() -> None:
             time.sleep(0.005)
         if widget.runner.last_status != "done":
             raise RuntimeError(f"{name}: {widget.runner.last_status}: {widget.runner.last_error}")
+        record(name, start, before)
+
+    def record(name: str, start: float, before: int) -> None:
         gaps = meter.gaps_ms[before:]
+        if sampler is not None:
+            stack_reports.append(sampler.report(name, before, len(meter.gaps_ms)))
         jobs.append((name, time.perf_counter() - start, max(gaps, default=0.0), len(gaps)))
         print(f"{name}: {jobs[-1][1]:.1f} s, worst stall {jobs[-1][2]:.0f} ms over {len(gaps)} beats", flush=True)
 
@@ -71,6 +82,8 @@ def main() -> None:
     viewer.window._qt_window.resize(1600, 1000)
     settle(2.0)  # the window's first paint (software OpenGL) is not a job's doing
     meter.start()
+    if sampler is not None:
+        sampler.start()
 
     def tab(widget) -> None:  # bring a widget's dock tab to the front (the demo tabs them)
         from qtpy.QtWidgets import QDockWidget
@@ -96,6 +109,13 @@ def main() -> None:
     wait(model, "load and inflate the default weights")
     tab(model)
     shot("model")  # also the first impression of `crossd demo`: tabbed docks, the whole volume
+
+    # The floor under every job's number: napari redrawing the window for a new slice, no job running.
+    start, before, middle = time.perf_counter(), len(meter.gaps_ms), viewer.dims.current_step[0]
+    for z in (*range(middle + 1, middle + 1 + REFERENCE_SLICES), middle):  # back where the shots expect it
+        viewer.dims.set_current_step(0, z)
+        settle()
+    record(f"no job, for reference: {REFERENCE_SLICES} slice changes (napari's repaints)", start, before)
 
     image = viewer.layers["MNI152 T1"]
     run.image.value = image
@@ -128,6 +148,11 @@ def main() -> None:
 
     inspect_shots(viewer, inspector, image, wait, tab, show_only, shot)
     meter.stop()
+    if sampler is not None:
+        sampler.stop()
+        stack_reports.append(sampler.report("whole session", 0, len(meter.gaps_ms)))
+        Path(args.stall_stacks).write_text("\n\n".join(stack_reports) + "\n")
+        print(f"wrote {args.stall_stacks}")
 
     if not args.no_stall_report:
         write_stall_report(jobs, image.data.shape, meter, load_before, os.getloadavg())

@@ -552,7 +552,9 @@ def test_demo_window_docks_widgets_and_loads_sample_and_weights(qtbot, make_napa
 
     window = viewer.window._qt_window
     docks = [w for w in window.findChildren(QDockWidget) if w.windowTitle().endswith("(napari-crossd)")]
-    assert len(docks) == 4 and len(window.tabifiedDockWidgets(docks[0])) == 3
+    assert len(docks) == 4
+    # Qt lays out tabified docks on a later turn of the event loop
+    qtbot.waitUntil(lambda: len(window.tabifiedDockWidgets(docks[0])) == 3, timeout=5000)
     window.resize(1600, 1000)
     qtbot.wait(200)
     assert viewer.window._qt_viewer.canvas.native.width() >= 800

@@ -55,6 +55,7 @@ class InspectorWidget(Container):
         self.session, self.events = session_for(napari_viewer)
         self._make_controls(napari_viewer)
         self.runner = JobRunner()
+        self.append(self.runner.progress)
         self.kernel_jobs = LatestJob("Kernels")
         self.view = None  # the KernelView shown
         self.shown = None  # the FilterShown shown
