@@ -103,6 +103,7 @@ def main() -> None:
         image = viewer.screenshot(canvas_only=False, flash=False)
         iio.imwrite(DOCS / f"{name}.png", np.asarray(image)[..., :3])
         print(f"wrote docs/{name}.png {np.asarray(image).shape}", flush=True)
+        settle(0.1)  # a beat after the shot (its stall is not the next job's)
 
     model, run, tune, inspector = (widgets[k] for k in ("Model", "Run", "Fine-tune", "Inspector"))
     model.load()
@@ -134,6 +135,7 @@ def main() -> None:
     for cls in range(1, len(MNI_CLASSES) + 1):
         strokes.data_setitem(tuple(np.nonzero(painted == cls)), cls)
     strokes.metadata["class_names"] = list(MNI_CLASSES)
+    settle()  # a beat after painting the strokes by script (not the job's stall)
     tune.train()
     wait(tune, "train the forest on the strokes")
     tune.predict()
