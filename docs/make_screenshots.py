@@ -29,6 +29,28 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE_SLICES = 5
+# What the stack sampler (--stall-stacks) found; the numbers are from a quiet 2-core machine.
+NOTES = [
+    "Notes (what the GUI thread does in the stalls, from `--stall-stacks`):",
+    "",
+    "* Each new napari layer: its Qt layer controls (for an image, a colormap box that draws a preview "
+    "of every colormap), its vispy visuals and its layer-list row, and in the same turn of the event "
+    "loop (Qt paints before it runs timers) its first paint, where llvmpipe compiles the visual's "
+    "shaders (each new colormap is a new shader) and a first colour bar renders its glyphs: about "
+    "100-200 ms, 300-500 ms on a shared core. Features and predict add one layer each; the Inspector's "
+    "first 'Show kernels' adds up to eight (overview, outline, filter and its colour bar, rotation, "
+    "phase and its colour bar, amplitude), one per turn; a first grey overview, a first feature map "
+    "or the Vectors of the learned rotations add one more. Later picks and slider moves update the "
+    "layers in place (one update and one repaint per turn), and no layer is removed (napari runs a "
+    "full `gc.collect()` for each, about 300 ms with a model in memory).",
+    "* Every repaint of the window under software OpenGL (llvmpipe): 60-100 ms a frame at this size, "
+    "see the no-job reference row; it is the floor under every job's number.",
+    "* Not the jobs themselves: the workers spend their time in torch and scikit-learn calls that "
+    "release the GIL, and their torch threads leave the GUI a core. Progress shows in each widget's "
+    "own bar: napari's activity dialog ran an animated GIF whose frames repainted the window about 20 "
+    "times a second, which took 70% of the event loop's time under llvmpipe and made the jobs 2-4x "
+    "slower (it also kept running after the bar closed).",
+]
 
 
 def main() -> None:
@@ -230,12 +252,7 @@ def write_stall_report(jobs, shape, meter, load_before, load_after) -> None:
     lines += ["", f"Whole session: worst stall {meter.worst_ms:.0f} ms, 99th percentile "
               f"{meter.percentile_ms(99):.0f} ms over {len(meter.gaps_ms)} beats (includes adding layers, "
               "switching tabs and screenshots on the GUI thread).", "",
-              "Notes: what still stalls is work napari itself does on the GUI thread: creating a layer "
-              "(vispy builds an image and a volume visual in Python, about 100 ms on a quiet core, 300-400 ms "
-              "on a shared one), removing one (napari runs a full `gc.collect()`, about 300 ms with a model in "
-              "memory: the inspector hides layers instead) and repainting the canvas under software OpenGL "
-              "(llvmpipe, 60-100 ms a frame at this size). The first 'Show kernels' creates the inspector's "
-              "layers; later picks and slider moves update them in place, one layer per event-loop turn.", ""]
+              *NOTES, ""]
     (RESULTS / "gui_stall.md").write_text("\n".join(lines))
     print(f"wrote {RESULTS / 'gui_stall.md'}")
 
