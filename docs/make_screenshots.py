@@ -48,8 +48,11 @@ NOTES = [
     "* Not the jobs themselves: the workers spend their time in torch and scikit-learn calls that "
     "release the GIL, and their torch threads leave the GUI a core. Progress shows in each widget's "
     "own bar: napari's activity dialog ran an animated GIF whose frames repainted the window about 20 "
-    "times a second, which took 70% of the event loop's time under llvmpipe and made the jobs 2-4x "
-    "slower (it also kept running after the bar closed).",
+    "times a second (and kept running after the bar closed); under llvmpipe on a shared core that took "
+    "70% of the event loop's time (a beat every 40 ms instead of 12 ms, see the heartbeats) and made "
+    "features and training about 1.5x slower.",
+    "* The whole session's worst stall is the script's own: showing and hiding ten layers at once "
+    "before a screenshot, and the 3D view's first volume rendering.",
 ]
 
 
