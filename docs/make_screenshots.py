@@ -1,6 +1,7 @@
 """Screenshots of each napari-crossd widget in use, and the GUI responsiveness measurement.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--region slab]
+        [--stall-stacks stalls.txt]   # also: what the GUI thread was doing in each job's stalls
 
 Drives a real napari window through the workflow of ``crossd demo`` on the MNI152 sample
 (the "slab" region by default: 48 x 200 x 160 voxels at 1 mm): load the default
@@ -51,8 +52,8 @@ NOTES = [
     "times a second (and kept running after the bar closed); under llvmpipe on a shared core that took "
     "70% of the event loop's time (a beat every 40 ms instead of 12 ms, see the heartbeats) and made "
     "features and training about 1.5x slower.",
-    "* The whole session's worst stall is the script's own: showing and hiding ten layers at once "
-    "before a screenshot, and the 3D view's first volume rendering.",
+    "* The whole session's worst stall is the script's own work between jobs (e.g. showing and hiding "
+    "ten layers at once before a screenshot), not a job's.",
 ]
 
 
