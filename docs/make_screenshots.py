@@ -42,8 +42,9 @@ NOTES = [
     "first 'Show kernels' adds up to eight (overview, outline, filter and its colour bar, rotation, "
     "phase and its colour bar, amplitude), one per turn; a first grey overview, a first feature map "
     "or the Vectors of the learned rotations add one more. Later picks and slider moves update the "
-    "layers in place (one update and one repaint per turn), and no layer is removed (napari runs a "
-    "full `gc.collect()` for each, about 300 ms with a model in memory).",
+    "layers in place (one update and one repaint per turn; moving the outline re-meshes a Shapes "
+    "layer, about 70 ms), and no layer is removed (napari runs a full `gc.collect()` for each, about "
+    "300 ms with a model in memory).",
     "* Every repaint of the window under software OpenGL (llvmpipe): 60-100 ms a frame at this size, "
     "see the no-job reference row; it is the floor under every job's number.",
     "* Not the jobs themselves: the workers spend their time in torch and scikit-learn calls that "
@@ -52,8 +53,8 @@ NOTES = [
     "times a second (and kept running after the bar closed); under llvmpipe on a shared core that took "
     "70% of the event loop's time (a beat every 40 ms instead of 12 ms, see the heartbeats) and made "
     "features and training about 1.5x slower.",
-    "* The whole session's worst stall is the script's own work between jobs (e.g. showing and hiding "
-    "ten layers at once before a screenshot), not a job's.",
+    "* The whole session's worst stall is the script's own work between jobs: switching the view to 3D "
+    "(every layer sliced again, volume visuals) for the last screenshot, not a job's.",
 ]
 
 
@@ -122,7 +123,7 @@ def main() -> None:
 
     def show_only(*prefixes: str, roles=()) -> None:
         for layer in viewer.layers:
-            layer.visible = layer.name.startswith(prefixes) or layer.metadata.get(ROLE) in roles
+            set_visible(layer, layer.name.startswith(prefixes) or layer.metadata.get(ROLE) in roles)
 
     def shot(name: str) -> None:
         settle(0.5)
@@ -207,7 +208,7 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     show_only("MNI152 T1", roles=roles)
     for layer in viewer.layers:
         if layer.name.startswith("MNI152 T1 "):
-            layer.visible = False
+            set_visible(layer, False)
     viewer.reset_view()
     shot("inspector")
 
@@ -216,7 +217,7 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     inspector.slice_rotations()
     wait(inspector, "inspector learned rotation per slice")
     for layer in viewer.layers:
-        layer.visible = layer.name == "MNI152 T1" or layer.metadata.get("crossd_inspector") == "axes"
+        set_visible(layer, layer.name == "MNI152 T1" or layer.metadata.get("crossd_inspector") == "axes")
     viewer.layers["MNI152 T1"].opacity = 0.35
     viewer.dims.ndisplay = 3
     viewer.reset_view()
@@ -226,6 +227,12 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     shot("inspector_rotations")
     viewer.dims.ndisplay = 2
     viewer.layers["MNI152 T1"].opacity = 1.0
+
+
+def set_visible(layer, visible: bool) -> None:
+    # napari's setter does not compare: each assignment refreshes the layer and the viewer's extents
+    if layer.visible != visible:
+        layer.visible = visible
 
 
 def write_stall_report(jobs, shape, meter, load_before, load_after) -> None:
