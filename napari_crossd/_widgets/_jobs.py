@@ -17,8 +17,8 @@ busy until the last step.
 Progress shows in the widget's own bar (:class:`JobProgress`, hidden while idle), not in napari's
 activity dialog: a napari ``progress`` starts an animated "in progress" GIF in the status bar,
 and each of its frames (about 20 a second) repaints the window, which under software OpenGL
-(llvmpipe) is a full-window composite: measured on 2 cores, 70% of the event loop's time went to
-those repaints, and the GIF kept running after the bar had closed.
+(llvmpipe) is a full-window composite: measured on 2 cores shared with other processes, 70% of
+the event loop's time went to those repaints, and the GIF kept running after the bar had closed.
 
 Torch threads: on machines of up to 4 cores, every worker first sets torch's intra-op threads
 to one fewer than the cores (:func:`worker_threads`), so the GUI thread keeps a core for
