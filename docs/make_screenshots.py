@@ -1,6 +1,7 @@
 """Screenshots of each napari-crossd widget in use, and the GUI responsiveness measurement.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--region slab]
+        [--stall-stacks stalls.txt]   # also: what the GUI thread was doing in each job's stalls
 
 Drives a real napari window through the workflow of ``crossd demo`` on the MNI152 sample
 (the "slab" region by default: 48 x 200 x 160 voxels at 1 mm): load the default
@@ -28,18 +29,48 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
+REFERENCE_SLICES = 5
+# What the stack sampler (--stall-stacks) found; the numbers are from a quiet 2-core machine.
+NOTES = [
+    "Notes (what the GUI thread does in the stalls, from `--stall-stacks`):",
+    "",
+    "* Each new napari layer: its Qt layer controls (for an image, a colormap box that draws a preview "
+    "of every colormap), its vispy visuals and its layer-list row, and in the same turn of the event "
+    "loop (Qt paints before it runs timers) its first paint, where llvmpipe compiles the visual's "
+    "shaders (each new colormap is a new shader) and a first colour bar renders its glyphs: about "
+    "100-200 ms, 300-500 ms on a shared core. Features and predict add one layer each; the Inspector's "
+    "first 'Show kernels' adds up to eight (overview, outline, filter and its colour bar, rotation, "
+    "phase and its colour bar, amplitude), one per turn; a first grey overview, a first feature map "
+    "or the Vectors of the learned rotations add one more. Later picks and slider moves update the "
+    "layers in place (one update and one repaint per turn; moving the outline re-meshes a Shapes "
+    "layer, about 70 ms), and no layer is removed (napari runs a full `gc.collect()` for each, about "
+    "300 ms with a model in memory).",
+    "* Every repaint of the window under software OpenGL (llvmpipe): 60-100 ms a frame at this size, "
+    "see the no-job reference row; it is the floor under every job's number.",
+    "* Not the jobs themselves: the workers spend their time in torch and scikit-learn calls that "
+    "release the GIL, and their torch threads leave the GUI a core. Progress shows in each widget's "
+    "own bar: napari's activity dialog ran an animated GIF whose frames repainted the window about 20 "
+    "times a second (and kept running after the bar closed); under llvmpipe on a shared core that took "
+    "70% of the event loop's time (a beat every 40 ms instead of 12 ms, see the heartbeats) and made "
+    "features and training about 1.5x slower.",
+    "* The whole session's worst stall is the script's own work between jobs: switching the view to 3D "
+    "(every layer sliced again, volume visuals) for the last screenshot, not a job's.",
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--region", default="slab", choices=("full", "slab", "small"))
     parser.add_argument("--no-stall-report", action="store_true", help="do not write benchmarks/results/gui_stall.md")
+    parser.add_argument("--stall-stacks", metavar="FILE",
+                        help="also sample the GUI thread's stack during stalls over 50 ms and write, per job, "
+                             "the functions it was in (for finding what stalls; adds a little load)")
     args = parser.parse_args()
 
     import imageio.v3 as iio
     from napari.qt import get_qapp
 
-    from napari_crossd._widgets._stall import StallMeter
+    from napari_crossd._widgets._stall import StallMeter, StallSampler
     from napari_crossd._widgets.inspector import ROLE
     from napari_crossd.datasets import MNI_CLASSES
     from napari_crossd.demo import open_viewer
@@ -49,6 +80,8 @@ def main() -> None:
     app = get_qapp()
     meter = StallMeter(10)
     jobs: list[tuple[str, float, float, int]] = []  # (job, seconds, worst stall ms, heartbeats)
+    sampler = StallSampler(meter) if args.stall_stacks else None
+    stack_reports: list[str] = []
 
     def settle(seconds: float = 0.3) -> None:
         end = time.perf_counter() + seconds
@@ -63,7 +96,12 @@ def main() -> None:
             time.sleep(0.005)
         if widget.runner.last_status != "done":
             raise RuntimeError(f"{name}: {widget.runner.last_status}: {widget.runner.last_error}")
+        record(name, start, before)
+
+    def record(name: str, start: float, before: int) -> None:
         gaps = meter.gaps_ms[before:]
+        if sampler is not None:
+            stack_reports.append(sampler.report(name, before, len(meter.gaps_ms)))
         jobs.append((name, time.perf_counter() - start, max(gaps, default=0.0), len(gaps)))
         print(f"{name}: {jobs[-1][1]:.1f} s, worst stall {jobs[-1][2]:.0f} ms over {len(gaps)} beats", flush=True)
 
@@ -71,6 +109,8 @@ def main() -> None:
     viewer.window._qt_window.resize(1600, 1000)
     settle(2.0)  # the window's first paint (software OpenGL) is not a job's doing
     meter.start()
+    if sampler is not None:
+        sampler.start()
 
     def tab(widget) -> None:  # bring a widget's dock tab to the front (the demo tabs them)
         from qtpy.QtWidgets import QDockWidget
@@ -83,19 +123,27 @@ def main() -> None:
 
     def show_only(*prefixes: str, roles=()) -> None:
         for layer in viewer.layers:
-            layer.visible = layer.name.startswith(prefixes) or layer.metadata.get(ROLE) in roles
+            set_visible(layer, layer.name.startswith(prefixes) or layer.metadata.get(ROLE) in roles)
 
     def shot(name: str) -> None:
         settle(0.5)
         image = viewer.screenshot(canvas_only=False, flash=False)
         iio.imwrite(DOCS / f"{name}.png", np.asarray(image)[..., :3])
         print(f"wrote docs/{name}.png {np.asarray(image).shape}", flush=True)
+        settle(0.1)  # a beat after the shot (its stall is not the next job's)
 
     model, run, tune, inspector = (widgets[k] for k in ("Model", "Run", "Fine-tune", "Inspector"))
     model.load()
     wait(model, "load and inflate the default weights")
     tab(model)
     shot("model")  # also the first impression of `crossd demo`: tabbed docks, the whole volume
+
+    # The floor under every job's number: napari redrawing the window for a new slice, no job running.
+    start, before, middle = time.perf_counter(), len(meter.gaps_ms), viewer.dims.current_step[0]
+    for z in (*range(middle + 1, middle + 1 + REFERENCE_SLICES), middle):  # back where the shots expect it
+        viewer.dims.set_current_step(0, z)
+        settle()
+    record(f"no job, for reference: {REFERENCE_SLICES} slice changes (napari's repaints)", start, before)
 
     image = viewer.layers["MNI152 T1"]
     run.image.value = image
@@ -114,6 +162,7 @@ def main() -> None:
     for cls in range(1, len(MNI_CLASSES) + 1):
         strokes.data_setitem(tuple(np.nonzero(painted == cls)), cls)
     strokes.metadata["class_names"] = list(MNI_CLASSES)
+    settle()  # a beat after painting the strokes by script (not the job's stall)
     tune.train()
     wait(tune, "train the forest on the strokes")
     tune.predict()
@@ -128,6 +177,11 @@ def main() -> None:
 
     inspect_shots(viewer, inspector, image, wait, tab, show_only, shot)
     meter.stop()
+    if sampler is not None:
+        sampler.stop()
+        stack_reports.append(sampler.report("whole session", 0, len(meter.gaps_ms)))
+        Path(args.stall_stacks).write_text("\n\n".join(stack_reports) + "\n")
+        print(f"wrote {args.stall_stacks}")
 
     if not args.no_stall_report:
         write_stall_report(jobs, image.data.shape, meter, load_before, os.getloadavg())
@@ -154,7 +208,7 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     show_only("MNI152 T1", roles=roles)
     for layer in viewer.layers:
         if layer.name.startswith("MNI152 T1 "):
-            layer.visible = False
+            set_visible(layer, False)
     viewer.reset_view()
     shot("inspector")
 
@@ -163,7 +217,7 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     inspector.slice_rotations()
     wait(inspector, "inspector learned rotation per slice")
     for layer in viewer.layers:
-        layer.visible = layer.name == "MNI152 T1" or layer.metadata.get("crossd_inspector") == "axes"
+        set_visible(layer, layer.name == "MNI152 T1" or layer.metadata.get("crossd_inspector") == "axes")
     viewer.layers["MNI152 T1"].opacity = 0.35
     viewer.dims.ndisplay = 3
     viewer.reset_view()
@@ -173,6 +227,12 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     shot("inspector_rotations")
     viewer.dims.ndisplay = 2
     viewer.layers["MNI152 T1"].opacity = 1.0
+
+
+def set_visible(layer, visible: bool) -> None:
+    # napari's setter does not compare: each assignment refreshes the layer and the viewer's extents
+    if layer.visible != visible:
+        layer.visible = visible
 
 
 def write_stall_report(jobs, shape, meter, load_before, load_after) -> None:
@@ -203,12 +263,7 @@ def write_stall_report(jobs, shape, meter, load_before, load_after) -> None:
     lines += ["", f"Whole session: worst stall {meter.worst_ms:.0f} ms, 99th percentile "
               f"{meter.percentile_ms(99):.0f} ms over {len(meter.gaps_ms)} beats (includes adding layers, "
               "switching tabs and screenshots on the GUI thread).", "",
-              "Notes: what still stalls is work napari itself does on the GUI thread: creating a layer "
-              "(vispy builds an image and a volume visual in Python, about 100 ms on a quiet core, 300-400 ms "
-              "on a shared one), removing one (napari runs a full `gc.collect()`, about 300 ms with a model in "
-              "memory: the inspector hides layers instead) and repainting the canvas under software OpenGL "
-              "(llvmpipe, 60-100 ms a frame at this size). The first 'Show kernels' creates the inspector's "
-              "layers; later picks and slider moves update them in place, one layer per event-loop turn.", ""]
+              *NOTES, ""]
     (RESULTS / "gui_stall.md").write_text("\n".join(lines))
     print(f"wrote {RESULTS / 'gui_stall.md'}")
 

@@ -552,7 +552,9 @@ def test_demo_window_docks_widgets_and_loads_sample_and_weights(qtbot, make_napa
 
     window = viewer.window._qt_window
     docks = [w for w in window.findChildren(QDockWidget) if w.windowTitle().endswith("(napari-crossd)")]
-    assert len(docks) == 4 and len(window.tabifiedDockWidgets(docks[0])) == 3
+    assert len(docks) == 4
+    # Qt lays out tabified docks on a later turn of the event loop
+    qtbot.waitUntil(lambda: len(window.tabifiedDockWidgets(docks[0])) == 3, timeout=5000)
     window.resize(1600, 1000)
     qtbot.wait(200)
     assert viewer.window._qt_viewer.canvas.native.width() >= 800
@@ -582,3 +584,29 @@ def test_stall_meter_sees_a_blocked_event_loop(qtbot):
     assert meter.worst_ms >= 290, meter.gaps_ms
     assert meter.percentile_ms(50) < meter.worst_ms
     assert meter.percentile_ms(100) == meter.worst_ms
+
+
+def test_stall_sampler_names_the_function_that_blocked_the_event_loop(qtbot):
+    """make_screenshots --stall-stacks: the GUI thread's stack during a stall, per stretch of beats."""
+    import time
+
+    from napari_crossd._widgets._stall import StallMeter, StallSampler
+
+    def hold_the_gui_thread():
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:  # Python code: the sampler gets the GIL between bytecodes
+            pass
+
+    meter = StallMeter(10)
+    sampler = StallSampler(meter, overdue_ms=50, every_ms=5)
+    meter.start()
+    sampler.start()
+    qtbot.wait(100)
+    before = len(meter.gaps_ms)
+    hold_the_gui_thread()
+    qtbot.wait(100)
+    sampler.stop()
+    meter.stop()
+    report = sampler.report("held", before, len(meter.gaps_ms))
+    assert "hold_the_gui_thread" in report, report
+    assert "the worst stall" in report

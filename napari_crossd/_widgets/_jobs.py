@@ -14,6 +14,12 @@ then a repaint can come),
 so a result of many layers does not hold the GUI thread for the sum of them; the runner stays
 busy until the last step.
 
+Progress shows in the widget's own bar (:class:`JobProgress`, hidden while idle), not in napari's
+activity dialog: a napari ``progress`` starts an animated "in progress" GIF in the status bar,
+and each of its frames (about 20 a second) repaints the window, which under software OpenGL
+(llvmpipe) is a full-window composite: measured on 2 cores shared with other processes, 70% of
+the event loop's time went to those repaints, and the GIF kept running after the bar had closed.
+
 Torch threads: on machines of up to 4 cores, every worker first sets torch's intra-op threads
 to one fewer than the cores (:func:`worker_threads`), so the GUI thread keeps a core for
 repainting while a job runs; torch's threads spin on every core they have, and with all of
@@ -32,12 +38,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from inspect import isgenerator
 
+from magicgui.widgets import ProgressBar
 from napari.qt.threading import thread_worker
-from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
-__all__ = ["CANCELLED", "JobRunner", "LatestJob", "worker_threads"]
+__all__ = ["CANCELLED", "JobProgress", "JobRunner", "LatestJob", "worker_threads"]
 
 CANCELLED = object()
 SMALL_MACHINE_CORES = 4
@@ -86,25 +92,40 @@ def _drive(job: Generator, cancel: threading.Event):
         job.close()
 
 
-def _show_progress(bar, description: str, report) -> None:
-    """Draw a job's ``Progress`` report in its napari progress bar."""
-    if bar.total != (report.total or 0):
-        bar.total = report.total or 0
-    bar.n = min(report.step, report.total) if report.total else report.step
-    bar.set_description(f"{description}: {report.message}")
-    bar.refresh()
+class JobProgress(ProgressBar):
+    """A job's progress in its widget: hidden while idle; "description: message" and a percentage.
+
+    A report without a total leaves the bar empty rather than busy: Qt animates a busy bar,
+    and every animation frame repaints the window (see the module doc).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(value=0, min=0, max=1, visible=False, label="")
+
+    def begin(self, description: str) -> None:
+        self.max, self.value = 1, 0
+        self.native.setFormat(f"{description} ...")
+        self.visible = True
+
+    def show_report(self, description: str, report) -> None:
+        total = int(report.total or 0)
+        self.max = max(total, 1)
+        self.value = min(int(report.step), total) if total else 0
+        self.native.setFormat(f"{description}: {report.message}" + (" (%p%)" if total else ""))
+
+    def end(self) -> None:
+        self.visible = False
 
 
 @dataclass
 class _Started:
-    """One job of a :class:`JobRunner`: whom to tell when it reports, and its progress bar."""
+    """One job of a :class:`JobRunner`: whom to tell when it reports."""
 
     description: str
     on_result: Callable[[object], None]
     on_progress: Callable[[object], None] | None
     on_error: Callable[[BaseException], None] | None
     on_cancel: Callable[[], None] | None
-    bar: object | None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -132,10 +153,11 @@ def _quiet_worker(make_job: Callable[[], Generator], cancel: threading.Event):
 
 
 class JobRunner:
-    """One job at a time for a widget, with a napari progress bar and a Cancel action.
+    """One job at a time for a widget, with a progress bar and a Cancel action.
 
-    ``progress_bar=False`` leaves out the napari progress bar (for jobs that take a moment,
-    where a bar would only flash).
+    ``progress``: a :class:`JobProgress` for the widget to place in its layout (hidden while
+    idle); None with ``progress_bar=False`` (for jobs that take a moment, where a bar would
+    only flash).
 
     Attributes:
         worker: the running napari worker, or None.
@@ -153,8 +175,7 @@ class JobRunner:
         self.last_result_ms: float | None = None
         self._cancel = threading.Event()
         self._on_busy = on_busy
-        self._progress_bar = progress_bar
-        self._bar = None
+        self.progress = JobProgress() if progress_bar else None
         self._showing = None  # a result being shown in steps (generator), see the module doc
 
     @property
@@ -187,9 +208,9 @@ class JobRunner:
         self._cancel = threading.Event()
         self.last_error = None
         self.last_status = None
-        bar = napari_progress(total=0, desc=description) if self._progress_bar else None
-        job = _Started(description, on_result, on_progress, on_error, on_cancel, bar)
-        self._bar = bar
+        job = _Started(description, on_result, on_progress, on_error, on_cancel)
+        if self.progress is not None:
+            self.progress.begin(description)
         worker = _quiet_worker(make_job, self._cancel)
         worker.yielded.connect(partial(self._progressed, job))
         worker.returned.connect(partial(self._returned, job))
@@ -202,8 +223,8 @@ class JobRunner:
         return worker
 
     def _progressed(self, job: _Started, report) -> None:
-        if job.bar is not None:
-            _show_progress(job.bar, job.description, report)
+        if self.progress is not None:
+            self.progress.show_report(job.description, report)
         if job.on_progress is not None:
             job.on_progress(report)
 
@@ -253,9 +274,8 @@ class JobRunner:
 
     def _finished(self, job: _Started) -> None:
         self.last_seconds = time.perf_counter() - job.started
-        if job.bar is not None:
-            job.bar.close()
-        self._bar = None
+        if self.progress is not None:
+            self.progress.end()
         self.worker = None
         self._idle()
 

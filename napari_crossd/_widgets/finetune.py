@@ -64,6 +64,7 @@ class FinetuneWidget(Container):
         self.loss_plot = CurvePlot("encoder fine-tuning loss")
         self.native.layout().insertWidget(8, self.loss_plot)
         self.runner = JobRunner(on_busy=self._busy)
+        self.append(self.runner.progress)
         self.new_strokes_button.changed.connect(self.new_strokes)
         self.train_button.changed.connect(self.train)
         self.cancel_button.changed.connect(self.runner.cancel)

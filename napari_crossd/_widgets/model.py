@@ -68,9 +68,9 @@ class ModelWidget(Container):
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
         self.load_button = PushButton(text="Load and inflate")
         self.status = Label(value="no model loaded")
-        super().__init__(widgets=[self.checkpoint, self.arch, self.strategy, self.device,
-                                  self.load_button, self.status])
         self.runner = JobRunner(on_busy=lambda busy: setattr(self.load_button, "enabled", not busy))
+        super().__init__(widgets=[self.checkpoint, self.arch, self.strategy, self.device,
+                                  self.load_button, self.runner.progress, self.status])
         self.load_button.changed.connect(self.load)
         self.device.changed.connect(self._set_device)
 

@@ -51,6 +51,7 @@ class RunWidget(Container):
         super().__init__(widgets=[self.image, self.mode, self.keep_stack, self.stride,
                                   self.run_button, self.cancel_button, self.status])
         self.runner = JobRunner(on_busy=self._busy)
+        self.append(self.runner.progress)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.runner.cancel)
 
