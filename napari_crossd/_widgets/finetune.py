@@ -42,7 +42,12 @@ class FinetuneWidget(Container):
         self.strokes = LayerPicker(napari_viewer, napari.layers.Labels, "strokes")
         self.new_strokes_button = PushButton(text="New strokes layer")
         self.every_image = CheckBox(text="train on every open image's strokes", value=True)
-        self.full = CheckBox(text="also fine-tune the encoder (slow; for unfamiliar images)", value=False)
+        self.full = CheckBox(
+            text="also fine-tune the encoder (slow; for unfamiliar images)", value=False,
+            tooltip="Adapts the encoder to this image before the forest is trained. On the strokes suite's MRI, CT "
+                    "and microscopy tasks it did not beat the forest on the shipped encoder and took 2-3x longer "
+                    "(benchmarks/strokes/results/README.md); try it where the default features look poor.",
+        )
         self.steps = SpinBox(label="encoder steps", value=150, min=1, max=100_000)
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
