@@ -6,6 +6,7 @@ import gc
 from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from qtpy.QtWidgets import QSizePolicy
 
 from ._jobs import JobRunner
 from ._session import session_for
@@ -68,6 +69,9 @@ class ModelWidget(Container):
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
         self.load_button = PushButton(text="Load and inflate")
         self.status = Label(value="no model loaded")
+        # Wrapped and free to shrink: the model's description must not widen the dock (and shrink the canvas).
+        self.status.native.setWordWrap(True)
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
         self.runner = JobRunner(on_busy=lambda busy: setattr(self.load_button, "enabled", not busy))
         super().__init__(widgets=[self.checkpoint, self.arch, self.strategy, self.device,
                                   self.load_button, self.runner.progress, self.status])
