@@ -1,0 +1,156 @@
+"""Auto-context on the strokes suite: a second forest that also reads the first one's smoothed class maps.
+
+    python benchmarks/strokes/autocontext.py                          # context tasks, seeds 0-2
+    python benchmarks/strokes/autocontext.py --tasks nuclei-parts --sigmas 1 2 4
+
+ilastik's auto-context: stage 1 is a forest on the voxel features; stage 2 is a forest on the
+same features plus stage 1's class probabilities, Gaussian-smoothed at a few scales, so that
+it can learn where a class lies relative to the others (a nucleus' boundary surrounds its
+interior; deep grey matter is wrapped in white matter). Three arms on run.py's strokes and
+the engine's features, side by side:
+
+- ``engine``: arm (c), the segmenter exactly as the widget trains it (stage 1 only);
+- ``auto-context``: stage 2 trained on stage 1's maps at the painted voxels, which stage 1
+  was trained on, so they are nearly always right there;
+- ``cross-fitted``: at the voxels of each painted plane, the maps come from a forest trained
+  on the other planes' strokes (predicted in a slab of 3 sigma around the plane), so stage 2
+  learns how far to trust maps on slices it has not seen. Prediction reads stage 1's maps.
+
+Dice as in run.py (mean over classes; near / far / all unpainted slices), first round only.
+The whole volume's features are held in memory (about 200^3 voxels x 31-71 channels): a
+measurement, not how the engine would do it. Writes results/autocontext.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+from run import STROKES, engine_version, scores, slice_sets
+from scipy import ndimage
+from tasks import TASKS
+
+from napari_crossd.engine import Segmenter, finetune, prepare_model
+from napari_crossd.engine.annotations import Annotations
+from napari_crossd.engine.classifier import ForestClassifier
+from napari_crossd.evaluation import paint_strokes
+
+HERE = Path(__file__).resolve().parent
+CPU = torch.device("cpu")
+ARMS = ("engine", "auto-context", "cross-fitted")
+
+
+def volume_features(segmenter: Segmenter, cache, shape) -> np.ndarray:
+    """The segmenter's features of every voxel, ``(C, Z, Y, X)`` float32."""
+    out = np.empty((segmenter.spec.channels(segmenter.encoder), *shape), np.float32)
+    for _, payload in cache.chunks_job(CPU, segmenter.spec):
+        if payload is not None:
+            out[(slice(None), *payload[0])] = payload[1].numpy()
+    return out
+
+
+def probabilities(forest: ForestClassifier, features: np.ndarray) -> np.ndarray:
+    """Class maps ``(N, Z, Y, X)`` of features ``(C, Z, Y, X)``, a million voxels at a time."""
+    rows, chunk = features.reshape(len(features), -1).T, 1 << 20
+    p = np.concatenate([forest.predict_proba(np.ascontiguousarray(rows[i : i + chunk]))
+                        for i in range(0, len(rows), chunk)])
+    return p.T.reshape(-1, *features.shape[1:])
+
+
+def smoothed(maps: np.ndarray, sigmas) -> np.ndarray:
+    """Every class map at every scale (voxels), ``(N * len(sigmas), Z, Y, X)``."""
+    return np.stack([ndimage.gaussian_filter(m, s, mode="nearest") for m in maps for s in sigmas])
+
+
+def cross_fitted_context(features, coords, classes, sigmas, seed: int) -> np.ndarray:
+    """``(P, N * len(sigmas))`` maps at the painted voxels, each plane's from a forest without its strokes."""
+    reach = int(3 * max(sigmas)) + 1
+    columns = features[:, coords[:, 0], coords[:, 1], coords[:, 2]].T
+    out = np.empty((len(coords), int(classes.max()) * len(sigmas)), np.float32)
+    for z in np.unique(coords[:, 0]):
+        held = coords[:, 0] == z
+        forest = ForestClassifier(int(classes.max()), seed=seed).fit(columns[~held], classes[~held])
+        low, high = max(0, z - reach), min(features.shape[1], z + reach + 1)
+        maps = smoothed(probabilities(forest, features[:, low:high]), sigmas)
+        plane = coords[held]
+        out[held] = maps[:, plane[:, 0] - low, plane[:, 1], plane[:, 2]].T
+    return out
+
+
+def second_stage(features, context, coords, classes, train_context, seed: int) -> np.ndarray:
+    """Labels of a forest on the features plus ``context`` maps, trained with ``train_context`` at ``coords``."""
+    columns = features[:, coords[:, 0], coords[:, 1], coords[:, 2]].T
+    forest = ForestClassifier(int(classes.max()), seed=seed).fit(np.concatenate([columns, train_context], 1), classes)
+    return probabilities(forest, np.concatenate([features, context])).argmax(0) + 1
+
+
+def run_seed(sample, seed: int, sigmas) -> dict[str, dict]:
+    truth, names = sample.labels, sample.class_names
+    strokes = paint_strokes(truth, seed=seed, **STROKES)
+    segmenter = Segmenter(prepare_model("default"), names)
+    cache = segmenter.features(sample.image, spacing=sample.spacing)
+    finetune(segmenter, sample.image, strokes, spacing=sample.spacing, features=cache)
+    features = volume_features(segmenter, cache, sample.image.shape)
+    painted = Annotations.from_labels(strokes, num_classes=len(names))
+    first = probabilities(segmenter.classifier, features)
+    context = smoothed(first, sigmas)
+    coords = painted.coords
+    in_sample = context[:, coords[:, 0], coords[:, 1], coords[:, 2]].T
+    crossed = cross_fitted_context(features, coords, painted.classes, sigmas, seed)
+    labels = {"engine": first.argmax(0) + 1,
+              "auto-context": second_stage(features, context, coords, painted.classes, in_sample, seed),
+              "cross-fitted": second_stage(features, context, coords, painted.classes, crossed, seed)}
+    classes = list(range(1, len(names) + 1))
+    return {arm: {name: scores(labels[arm], truth, zs, classes)["mean"] for name, zs in slice_sets(strokes).items()}
+            | {"levels": len(segmenter.spec.levels)} for arm in ARMS}
+
+
+def table(results: dict) -> list[str]:
+    tasks = list(results)
+    lines = ["| arm | " + " | ".join(f"{t} near | {t} far" for t in tasks) + " | mean near | mean far |",
+             "|---" * (2 * len(tasks) + 3) + "|"]
+    for arm in ARMS:
+        cells, means = [], {"near": [], "far": []}
+        for task in tasks:
+            for s in ("near", "far"):
+                values = [r[arm][s] for r in results[task]]
+                means[s].append(np.mean(values))
+                cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
+        mean = f" | {np.mean(means['near']):.3f} | {np.mean(means['far']):.3f} |"
+        lines.append(f"| {arm} | " + " | ".join(cells) + mean)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    context = [name for name, task in TASKS.items() if task.context]
+    parser.add_argument("--tasks", nargs="+", default=context, choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--sigmas", nargs="+", type=float, default=[1.0, 2.0, 4.0])
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "autocontext.md")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    results = {}
+    for task in args.tasks:
+        sample = TASKS[task].load()
+        results[task] = [{"seed": seed, **run_seed(sample, seed, args.sigmas)} for seed in args.seeds]
+        for r in results[task]:
+            print(task, json.dumps(r), flush=True)
+    lines = ["# Auto-context on the strokes suite", "",
+             f"`python benchmarks/strokes/autocontext.py --tasks {' '.join(args.tasks)} --sigmas "
+             f"{' '.join(f'{s:g}' for s in args.sigmas)}` (protocol: its docstring); seeds "
+             f"{', '.join(map(str, args.seeds))}; Dice (mean over classes) near / far, mean +- std over seeds.", "",
+             f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.platform()}, torch "
+             f"{torch.__version__}, 2 threads; napari_crossd {engine_version()}.", "", *table(results), ""]
+    args.out.write_text("\n".join(lines))
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
