@@ -188,8 +188,19 @@ def test_workflow_features_finetune_predict_save_reload(
     wait_idle(qtbot, tune)
     assert tune.runner.last_status == "done", tune.runner.last_error
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "segmenter").iterdir())
+    layers = len(viewer.layers)
     tune.predict()
     wait_idle(qtbot, tune)
+    # The untouched segmentation layer is updated in place: one layer per image in the loop.
+    assert len(viewer.layers) == layers and viewer.layers["mni_t1_crop segmentation"] is result
+    assert tune.status.value.endswith("updated")
+    # Once painted on (a hand correction), it is never overwritten: the next Predict adds a layer.
+    corner = (np.array([0]), np.array([0]), np.array([0]))
+    result.data_setitem(corner, 3)
+    tune.predict()
+    wait_idle(qtbot, tune)
+    assert len(viewer.layers) == layers + 1 and viewer.layers[-1] is not result
+    assert result.data[0, 0, 0] == 3 and tune.status.value.endswith("added")
     before_reload = np.array(viewer.layers[-1].data)
     tune.load()
     wait_idle(qtbot, tune)

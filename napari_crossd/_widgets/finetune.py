@@ -18,6 +18,9 @@ __all__ = ["FinetuneWidget"]
 
 # Metadata key of a strokes layer made by "New strokes layer": the name of its image.
 STROKES_OF = "strokes_of"
+# Metadata key of a segmentation layer that Predict may overwrite: the name of its image.
+# Painting on the layer removes it, so hand corrections are never replaced.
+PREDICTION_OF = "prediction_of"
 
 
 class FinetuneWidget(Container):
@@ -214,12 +217,29 @@ class FinetuneWidget(Container):
 
         def done(result) -> None:
             labels, _probabilities = result
-            kwargs = derived_kwargs(layer, f"{layer.name} segmentation")
-            self.viewer.add_labels(np.asarray(labels), **kwargs)
-            self.status.value = f"segmentation {tuple(labels.shape)} added"
+            self.status.value = f"segmentation {tuple(labels.shape)} {self._show_segmentation(layer, labels)}"
 
         return self.runner.start(lambda: segment_job(segmenter, volume, features=features, spacing=spacing,
                                                      device=device, probabilities=False), done, "Predict")
+
+    def _show_segmentation(self, image, labels, class_names=None) -> str:
+        """Show ``image``'s labels: in the layer an earlier Predict made for it while nobody has
+        painted on it (a paint-train-predict loop then keeps one layer, and updating it costs the
+        GUI thread far less than a new layer), else in a new layer. Returns "updated" or "added"."""
+        labels = np.asarray(labels)
+        previous = next((other for other in self.viewer.layers if isinstance(other, napari.layers.Labels)
+                         and other.metadata.get(PREDICTION_OF) == image.name and other.data.shape == labels.shape),
+                        None)
+        if previous is not None:
+            previous.data = labels
+            return "updated"
+        kwargs = derived_kwargs(image, f"{image.name} segmentation")
+        kwargs["metadata"][PREDICTION_OF] = image.name
+        if class_names is not None:
+            kwargs["metadata"]["class_names"] = list(class_names)
+        added = self.viewer.add_labels(labels, **kwargs)
+        added.events.paint.connect(lambda _event: added.metadata.pop(PREDICTION_OF, None))
+        return "added"
 
     def predict_all(self, _=None):
         """Segment every open 3D image with the current model: one job, one progress bar."""
@@ -252,9 +272,7 @@ class FinetuneWidget(Container):
 
         def done(results) -> None:
             for layer, labels in zip(images, results, strict=True):
-                kwargs = derived_kwargs(layer, f"{layer.name} segmentation")
-                kwargs["metadata"]["class_names"] = list(segmenter.class_names)
-                self.viewer.add_labels(np.asarray(labels), **kwargs)
+                self._show_segmentation(layer, labels, segmenter.class_names)
             self.status.value = f"segmented {len(images)} images: {', '.join(layer.name for layer in images)}"
 
         return self.runner.start(job, done, "Segment all")
