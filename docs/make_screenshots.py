@@ -167,6 +167,8 @@ def main() -> None:
     wait(tune, "train the forest on the strokes")
     tune.predict()
     wait(tune, "predict")
+    tune.predict()
+    wait(tune, "predict again (updates the segmentation layer)")
     show_only("MNI152 T1 segmentation", "MNI152 T1 strokes", "MNI152 T1")
     viewer.layers[f"{image.name} features (PCA)"].visible = False
     viewer.layers[f"{image.name} segmentation"].opacity = 0.45

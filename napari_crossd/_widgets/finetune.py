@@ -224,8 +224,8 @@ class FinetuneWidget(Container):
 
     def _show_segmentation(self, image, labels, class_names=None) -> str:
         """Show ``image``'s labels: in the layer an earlier Predict made for it while nobody has
-        painted on it (a paint-train-predict loop then keeps one layer, and updating it costs the
-        GUI thread far less than a new layer), else in a new layer. Returns "updated" or "added"."""
+        painted on it (a paint-train-predict loop then keeps one layer, with the user's display
+        settings), else in a new layer. Returns "updated" or "added"."""
         labels = np.asarray(labels)
         previous = next((other for other in self.viewer.layers if isinstance(other, napari.layers.Labels)
                          and other.metadata.get(PREDICTION_OF) == image.name and other.data.shape == labels.shape),
