@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_crossd._widgets._common import set_visible
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -229,12 +231,6 @@ def inspect_shots(viewer, inspector, image, wait, tab, show_only, shot) -> None:
     shot("inspector_rotations")
     viewer.dims.ndisplay = 2
     viewer.layers["MNI152 T1"].opacity = 1.0
-
-
-def set_visible(layer, visible: bool) -> None:
-    # napari's setter does not compare: each assignment refreshes the layer and the viewer's extents
-    if layer.visible != visible:
-        layer.visible = visible
 
 
 def write_stall_report(jobs, shape, meter, load_before, load_after) -> None:

@@ -24,14 +24,13 @@ measurement, not how the engine would do it. Writes results/autocontext.md and .
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
-from run import STROKES, engine_version, scores, slice_sets
+from report import near_far_table
+from run import STROKES, provenance, scores, slice_sets
 from scipy import ndimage
 from tasks import TASKS
 
@@ -110,22 +109,6 @@ def run_seed(sample, seed: int, sigmas) -> dict[str, dict]:
             | {"levels": len(segmenter.spec.levels)} for arm in ARMS}
 
 
-def table(results: dict) -> list[str]:
-    tasks = list(results)
-    lines = ["| arm | " + " | ".join(f"{t} near | {t} far" for t in tasks) + " | mean near | mean far |",
-             "|---" * (2 * len(tasks) + 3) + "|"]
-    for arm in ARMS:
-        cells, means = [], {"near": [], "far": []}
-        for task in tasks:
-            for s in ("near", "far"):
-                values = [r[arm][s] for r in results[task]]
-                means[s].append(np.mean(values))
-                cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
-        mean = f" | {np.mean(means['near']):.3f} | {np.mean(means['far']):.3f} |"
-        lines.append(f"| {arm} | " + " | ".join(cells) + mean)
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     context = [name for name, task in TASKS.items() if task.context]
@@ -145,8 +128,9 @@ def main() -> None:
              f"`python benchmarks/strokes/autocontext.py --tasks {' '.join(args.tasks)} --sigmas "
              f"{' '.join(f'{s:g}' for s in args.sigmas)}` (protocol: its docstring); seeds "
              f"{', '.join(map(str, args.seeds))}; Dice (mean over classes) near / far, mean +- std over seeds.", "",
-             f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.platform()}, torch "
-             f"{torch.__version__}, 2 threads; napari_crossd {engine_version()}.", "", *table(results), ""]
+             provenance(), "",
+             *near_far_table({task: {arm: [r[arm] for r in runs] for arm in ARMS} for task, runs in results.items()},
+                             "arm"), ""]
     args.out.write_text("\n".join(lines))
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

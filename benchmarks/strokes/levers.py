@@ -16,15 +16,14 @@ and forest); the other levers change one thing each. Writes results/levers.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from run import STROKES, engine_version, slice_sets
+from report import near_far_table
+from run import STROKES, provenance, slice_sets
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 from tasks import TASKS
 
@@ -130,23 +129,6 @@ def run_lever(features: TaskFeatures, lever: str, seed: int) -> dict:
     return result
 
 
-def table(results: dict[str, list[dict]], levers) -> list[str]:
-    tasks = list(results)
-    lines = ["| lever | " + " | ".join(f"{t} near | {t} far" for t in tasks) + " | mean near | mean far |",
-             "|---" * (2 * len(tasks) + 3) + "|"]
-    for lever in levers:
-        cells, means = [], {"near": [], "far": []}
-        for task in tasks:
-            runs = [r for r in results[task] if r["lever"] == lever]
-            for s in ("near", "far"):
-                values = [r[s] for r in runs]
-                means[s].append(np.mean(values))
-                cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
-        lines.append(f"| {lever} | " + " | ".join(cells)
-                     + f" | {np.mean(means['near']):.3f} | {np.mean(means['far']):.3f} |")
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     context = [name for name, task in TASKS.items() if task.context]
@@ -165,9 +147,9 @@ def main() -> None:
     lines = ["# Levers of arm (c) on the strokes suite's features", "",
              f"`python benchmarks/strokes/levers.py --tasks {' '.join(args.tasks)}` (protocol: its docstring); "
              f"seeds {', '.join(map(str, args.seeds))}; Dice (mean over classes) near / far, mean +- std over seeds, "
-             f"on every {GRID_STEP}rd row and column of each slice.", "",
-             f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.platform()}, torch "
-             f"{torch.__version__}, 2 threads; napari_crossd {engine_version()}.", "", *table(results, args.levers), ""]
+             f"on every {GRID_STEP}rd row and column of each slice.", "", provenance(), "",
+             *near_far_table({task: {lever: [r for r in runs if r["lever"] == lever] for lever in args.levers}
+                              for task, runs in results.items()}, "lever"), ""]
     args.out.write_text("\n".join(lines))
     (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

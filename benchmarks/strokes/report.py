@@ -23,6 +23,21 @@ def _pm(values, digits: int = 3) -> str:
     return f"{np.nanmean(values):.{digits}f} +- {np.nanstd(values):.{digits}f}"
 
 
+def near_far_table(runs: dict[str, dict[str, list[dict]]], label: str) -> list[str]:
+    """Markdown rows: near / far Dice (mean +- std over seeds) per task, and their means over tasks.
+
+    ``runs``: ``{task: {row name: [{"near": ..., "far": ...} per seed]}}``, rows in the first task's order.
+    """
+    tasks = list(runs)
+    lines = [f"| {label} | " + " | ".join(f"{t} near | {t} far" for t in tasks) + " | mean near | mean far |",
+             "|---" * (2 * len(tasks) + 3) + "|"]
+    for row in runs[tasks[0]]:
+        cells = [_pm([seed[s] for seed in runs[t][row]]) for t in tasks for s in ("near", "far")]
+        means = [np.mean([np.mean([seed[s] for seed in runs[t][row]]) for t in tasks]) for s in ("near", "far")]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {means[0]:.3f} | {means[1]:.3f} |")
+    return lines
+
+
 def _order(arm: str) -> tuple:
     """Baselines first, then the default, then the other arms of ours."""
     return (arm not in BASELINES, arm != "default", arm)

@@ -61,6 +61,12 @@ def engine_version() -> str:
     return f"{commit}{' + uncommitted changes' if dirty.strip() else ''} ({root})"
 
 
+def provenance() -> str:
+    """When, where and which napari_crossd ran: a line for a results file."""
+    return (f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.platform()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; napari_crossd {engine_version()}.")
+
+
 def slice_sets(strokes: np.ndarray) -> dict[str, np.ndarray]:
     """Unpainted slices of axis 0: ``near`` (between the first and last painted), ``far``, ``all``."""
     painted = np.flatnonzero((strokes > 0).any(axis=(1, 2)))

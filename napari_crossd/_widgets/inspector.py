@@ -30,7 +30,7 @@ import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSlider, Label, PushButton, Slider, SpinBox
 
-from ._common import LayerPicker, check_volume_layer, volume_data
+from ._common import LayerPicker, check_volume_layer, set_visible, volume_data
 from ._inspector_views import FilterRequest, Geometry, kernel_view_job, numbers_text
 from ._jobs import JobRunner, LatestJob
 from ._plot import CurvePlot
@@ -218,7 +218,7 @@ class InspectorWidget(Container):
                 setattr(layer, key, value)
         if layer.name != name:
             layer.name = name
-        _show(layer)
+        set_visible(layer, True)
         return layer
 
     # -- kernels, rotation, phase ---------------------------------------------------------
@@ -315,7 +315,7 @@ class InspectorWidget(Container):
                 layer.name = name
             if not np.isclose(layer.edge_width[0], 0.4 * sy):
                 layer.edge_width = 0.4 * sy
-            _show(layer)
+            set_visible(layer, True)
             return
         self.viewer.add_shapes([corners], shape_type="rectangle", edge_color="yellow", face_color="transparent",
                                edge_width=0.4 * sy, name=name, metadata={ROLE: OUTLINE})
@@ -443,7 +443,7 @@ class InspectorWidget(Container):
         layer = self._owned(AXES)
         if layer is not None:
             layer.data, layer.features, layer.name = vectors, {"angle (deg)": degrees}, name
-            _show(layer)
+            set_visible(layer, True)
             layer.edge_contrast_limits, layer.edge_color = limits, "angle (deg)"
             return self._after_slice_rotations()
         self.viewer.add_vectors(vectors, features={"angle (deg)": degrees}, edge_color="angle (deg)",
@@ -512,10 +512,3 @@ class InspectorWidget(Container):
                   blending="additive", contrast_limits=(low, high if high > low else low + 1))
         self.status.value = (f"feature map level {level} channel {channel}: {tuple(data.shape)}, stride {stride}, "
                              f"values {low:.3g} .. {high:.3g}")
-
-
-def _show(layer) -> None:
-    # napari's setter does not compare: visible = True on a visible layer refreshes it and makes the
-    # viewer recompute every layer's extent and the canvas its overlays (25 ms a call, measured here)
-    if not layer.visible:
-        layer.visible = True
