@@ -33,19 +33,21 @@ class Ours:
     keeps per image), it is made once at Train and passed to every call, as the widget does."""
 
     def __init__(self, class_names, seed: int, weights: str = "default", strategy: str | None = None,
-                 full: bool = False) -> None:
+                 full: bool = False, forest: dict | None = None) -> None:
         self.class_names, self.seed = list(class_names), seed
-        self.weights, self.strategy, self.full = weights, strategy, full
+        self.weights, self.strategy, self.full, self.forest = weights, strategy, full, forest or {}
         self.segmenter = None
         self.cache: dict = {}
         self.summary: dict = {}
 
     def fit(self, image, strokes, spacing) -> None:
         from napari_crossd.engine import Segmenter, finetune, prepare_model
+        from napari_crossd.engine.classifier import ForestClassifier
 
         torch.manual_seed(self.seed)  # the head's initialisation and dropout
         kwargs = {} if self.strategy is None else {"strategy": self.strategy}
-        self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names)
+        classifier = ForestClassifier(len(self.class_names), **self.forest) if self.forest else None
+        self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names, classifier=classifier)
         if callable(getattr(self.segmenter, "features", None)):
             self.cache = {"features": self.segmenter.features(image, spacing=spacing)}
         self.summary = finetune(self.segmenter, image, strokes, spacing=spacing, **self._full(), **self.cache)
@@ -200,7 +202,8 @@ class SliceForest:
 
 
 def make_arm(name: str, class_names, seed: int):
-    """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-full``, or
+    """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-full``,
+    ``default-features-0.3`` (the forest tries 30% of the channels per split), or
     ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
     if name == "filters-forest":
         return FilterForest(class_names, seed)
@@ -210,6 +213,8 @@ def make_arm(name: str, class_names, seed: int):
         return Ours(class_names, seed)
     if name == "default-full":
         return Ours(class_names, seed, full=True)
+    if name == "default-features-0.3":
+        return Ours(class_names, seed, forest={"max_features": 0.3})
     weights, _, strategy = name.partition("-")
     if weights in WEIGHTS and strategy in STRATEGIES:
         return Ours(class_names, seed, weights=weights, strategy=strategy)
@@ -219,4 +224,4 @@ def make_arm(name: str, class_names, seed: int):
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-ALL_ARMS = (*DEFAULT_ARMS, "default-full", *STRATEGY_ARMS)
+ALL_ARMS = (*DEFAULT_ARMS, "default-full", "default-features-0.3", *STRATEGY_ARMS)

@@ -14,6 +14,7 @@ NAMES = {
     "slices-forest": "(b) 2D ImageNet MobileNetV2 per slice + forest (Convpaint)",
     "default": "(c) ours, default (widget)",
     "default-full": "ours, default, full fine-tuning",
+    "default-features-0.3": "ours, default, forest max_features 0.3",
 }
 SETS = ("near", "far", "all")
 
