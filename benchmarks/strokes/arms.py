@@ -203,7 +203,8 @@ class SliceForest:
 
 def make_arm(name: str, class_names, seed: int):
     """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-full``,
-    ``default-features-0.3`` (the forest tries 30% of the channels per split), or
+    ``default-features-0.3`` (the forest tries 30% of the channels per split),
+    ``default-unweighted`` (the forest without class weights), or
     ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
     if name == "filters-forest":
         return FilterForest(class_names, seed)
@@ -215,6 +216,8 @@ def make_arm(name: str, class_names, seed: int):
         return Ours(class_names, seed, full=True)
     if name == "default-features-0.3":
         return Ours(class_names, seed, forest={"max_features": 0.3})
+    if name == "default-unweighted":
+        return Ours(class_names, seed, forest={"class_weight": None})
     weights, _, strategy = name.partition("-")
     if weights in WEIGHTS and strategy in STRATEGIES:
         return Ours(class_names, seed, weights=weights, strategy=strategy)
@@ -224,4 +227,4 @@ def make_arm(name: str, class_names, seed: int):
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-ALL_ARMS = (*DEFAULT_ARMS, "default-full", "default-features-0.3", *STRATEGY_ARMS)
+ALL_ARMS = (*DEFAULT_ARMS, "default-full", "default-features-0.3", "default-unweighted", *STRATEGY_ARMS)

@@ -15,6 +15,7 @@ NAMES = {
     "default": "(c) ours, default (widget)",
     "default-full": "ours, default, full fine-tuning",
     "default-features-0.3": "ours, default, forest max_features 0.3",
+    "default-unweighted": "ours, default, forest without class weights",
 }
 SETS = ("near", "far", "all")
 
@@ -24,18 +25,19 @@ def _pm(values, digits: int = 3) -> str:
     return f"{np.nanmean(values):.{digits}f} +- {np.nanstd(values):.{digits}f}"
 
 
-def near_far_table(runs: dict[str, dict[str, list[dict]]], label: str) -> list[str]:
-    """Markdown rows: near / far Dice (mean +- std over seeds) per task, and their means over tasks.
+def near_far_table(runs: dict[str, dict[str, list[dict]]], label: str, keys=("near", "far")) -> list[str]:
+    """Markdown rows: near / far Dice (or other ``keys``; mean +- std over seeds) per task, and their means over tasks.
 
     ``runs``: ``{task: {row name: [{"near": ..., "far": ...} per seed]}}``, rows in the first task's order.
     """
     tasks = list(runs)
-    lines = [f"| {label} | " + " | ".join(f"{t} near | {t} far" for t in tasks) + " | mean near | mean far |",
-             "|---" * (2 * len(tasks) + 3) + "|"]
+    lines = [f"| {label} | " + " | ".join(f"{t} {k}" for t in tasks for k in keys)
+             + " | " + " | ".join(f"mean {k}" for k in keys) + " |",
+             "|---" * ((len(tasks) + 1) * len(keys) + 1) + "|"]
     for row in runs[tasks[0]]:
-        cells = [_pm([seed[s] for seed in runs[t][row]]) for t in tasks for s in ("near", "far")]
-        means = [np.mean([np.mean([seed[s] for seed in runs[t][row]]) for t in tasks]) for s in ("near", "far")]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {means[0]:.3f} | {means[1]:.3f} |")
+        cells = [_pm([seed[k] for seed in runs[t][row]]) for t in tasks for k in keys]
+        means = [np.mean([np.mean([seed[k] for seed in runs[t][row]]) for t in tasks]) for k in keys]
+        lines.append(f"| {row} | " + " | ".join(cells) + " | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     return lines
 
 

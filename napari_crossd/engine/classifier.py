@@ -27,6 +27,8 @@ class ForestClassifier:
             CPU threads).
         max_depth: depth limit (None: grown until pure); bounds the prediction time.
         max_features: channels tried per split (scikit-learn's meaning).
+        class_weight: scikit-learn's ``class_weight``; the default weighs each class's strokes
+            equally in every tree (strokes of one class may outnumber another's).
         seed: the forest's random state.
 
     Example:
@@ -38,12 +40,20 @@ class ForestClassifier:
     """
 
     def __init__(
-        self, num_classes: int, *, trees: int = 32, max_depth: int | None = None, max_features="sqrt", seed: int = 0
+        self,
+        num_classes: int,
+        *,
+        trees: int = 32,
+        max_depth: int | None = None,
+        max_features="sqrt",
+        class_weight: str | None = "balanced_subsample",
+        seed: int = 0,
     ) -> None:
         self.num_classes = int(num_classes)
         self.trees = int(trees)
         self.max_depth = max_depth
         self.max_features = max_features
+        self.class_weight = class_weight
         self.seed = int(seed)
         self.forest: RandomForestClassifier | None = None
 
@@ -53,14 +63,14 @@ class ForestClassifier:
 
     def config(self) -> dict:
         return {"kind": "random forest", "trees": self.trees, "max_depth": self.max_depth,
-                "max_features": self.max_features, "seed": self.seed}
+                "max_features": self.max_features, "class_weight": self.class_weight, "seed": self.seed}
 
     def _new_forest(self) -> RandomForestClassifier:
         return RandomForestClassifier(
             n_estimators=self.trees,
             max_depth=self.max_depth,
             max_features=self.max_features,
-            class_weight="balanced_subsample",  # strokes of one class may outnumber another's
+            class_weight=self.class_weight,
             n_jobs=torch.get_num_threads(),
             random_state=self.seed,
         )
@@ -113,7 +123,8 @@ class ForestClassifier:
                 "it was saved by an incompatible version; retrain it from the strokes."
             )
         classifier = cls(num_classes, trees=config["trees"], max_depth=config["max_depth"],
-                         max_features=config.get("max_features", "sqrt"), seed=config["seed"])
+                         max_features=config.get("max_features", "sqrt"),
+                         class_weight=config.get("class_weight", "balanced_subsample"), seed=config["seed"])
         classes, n_features = state["classes"], int(state["num_features"][0])
         forest = classifier._new_forest()
         forest.estimators_ = []
