@@ -31,6 +31,7 @@ from napari_crossd.engine import (
     save_segmenter,
     segment,
 )
+from napari_crossd.engine.classifier import ForestClassifier
 from napari_crossd.engine.normalize import network_input, unit_intensity
 from napari_crossd.engine.pyramid import Pyramid, encode_job, spacing_scale
 from napari_crossd.evaluation import dice_scores, paint_strokes
@@ -287,6 +288,23 @@ def test_retraining_computes_only_new_voxels(imagenet_3d, brain, strokes):
         assert features.columns[key] is column
 
 
+def test_forest_class_weight_is_an_option(trained, strokes):
+    """Without class weights, a class painted 10x less often gets fewer votes; the balanced
+    default weighs each class's strokes equally (the strokes suite measures both)."""
+    segmenter, features, _, _ = trained
+    painted = Annotations.from_labels(strokes, num_classes=len(TISSUES))
+    width = segmenter.spec.channels(segmenter.encoder)
+    columns = run_job(features.columns_job(painted.coords, torch.device("cpu")))[:, :width]
+    rare = np.flatnonzero(painted.classes == 2)
+    keep = np.concatenate([rare[::10], np.flatnonzero(painted.classes != 2)])
+    votes = {}
+    for weight in (None, "balanced_subsample"):
+        forest = ForestClassifier(len(TISSUES), class_weight=weight).fit(columns[keep], painted.classes[keep])
+        votes[weight] = forest.predict_proba(columns[rare])[:, 1].mean()  # class 2's column
+    assert votes["balanced_subsample"] > votes[None] + 0.01
+    assert ForestClassifier(4).config()["class_weight"] == "balanced_subsample"
+
+
 def test_segmenter_round_trip_and_old_format(trained, brain, tmp_path):
     import json
 
@@ -304,9 +322,14 @@ def test_segmenter_round_trip_and_old_format(trained, brain, tmp_path):
     again, again_probabilities = segment(reloaded, image, device="cpu")
     np.testing.assert_array_equal(again, labels)
     np.testing.assert_array_equal(again_probabilities, probabilities)
-    # What version 1 (an MLP head on hypercolumns) wrote is refused with how to retrain.
+    assert reloaded.classifier.config() == segmenter.classifier.config()
     config_path = tmp_path / "model" / "segmenter.json"
     config = json.loads(config_path.read_text())
+    # Saved before class weights were an option: loaded with the weighting it was trained with.
+    config_path.write_text(json.dumps({**config, "classifier": {k: v for k, v in config["classifier"].items()
+                                                                if k != "class_weight"}}))
+    assert load_segmenter(tmp_path / "model").classifier.class_weight == "balanced_subsample"
+    # What version 1 (an MLP head on hypercolumns) wrote is refused with how to retrain.
     config_path.write_text(json.dumps({**config, "version": 1}))
     with pytest.raises(ValueError, match=r"format version 1.*retrain with `crossd finetune IMAGE STROKES --model"):
         load_segmenter(tmp_path / "model")

@@ -2,6 +2,7 @@
 
     python benchmarks/strokes/levers.py                          # context tasks, every lever, seeds 0-2
     python benchmarks/strokes/levers.py --tasks head-ct --levers engine trees-64
+    python benchmarks/strokes/levers.py --corrective      # also the corrective round
 
 The full suite (run.py) segments whole volumes and takes hours on 2 cores; a lever that only
 changes the classifier, or transforms the features, does not need that. Per task, the
@@ -9,8 +10,11 @@ default segmenter's features (all its encoder levels) are sampled once on a grid
 slice (every 3rd row and column, where the truth is defined) and at each seed's stroke
 voxels (run.py's simulator); every lever then trains on the strokes and predicts the grid.
 Dice as in run.py (mean over classes, near / far / all unpainted slices), on that grid: the
-first round only, no corrective round. ``engine`` is (c) exactly (the engine's level choice
-and forest); the other levers change one thing each. Writes results/levers.md.
+first round only unless ``--corrective``: then also run.py's corrective round on the grid
+(strokes of one grid step's brush in the 2 worst unpainted grid slices, all strokes refit,
+Dice before and after on the slices unpainted in both rounds; ``results/levers_corrective.md``).
+``engine`` is (c) exactly (the engine's level choice and forest); the other levers change
+one thing each. Writes results/levers.md.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from report import near_far_table
-from run import STROKES, provenance, slice_sets
+from run import CORRECTIONS, STROKES, provenance, slice_sets
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 from tasks import TASKS
 
@@ -32,7 +36,7 @@ from napari_crossd.engine.annotations import Annotations
 from napari_crossd.engine.classifier import ForestClassifier
 from napari_crossd.engine.jobs import run_job
 from napari_crossd.engine.segmenter import choose_levels
-from napari_crossd.evaluation import dice_scores, paint_strokes
+from napari_crossd.evaluation import dice_scores, paint_corrections, paint_strokes
 
 HERE = Path(__file__).resolve().parent
 GRID_STEP = 3
@@ -54,6 +58,8 @@ class TaskFeatures:
         grid[:, ::GRID_STEP, ::GRID_STEP] = True
         coords = np.argwhere(grid & (truth > 0))
         self.truth, self.z = truth[tuple(coords.T)], coords[:, 0]
+        self.grid_shape = truth.shape[0], int(grid[0, :, 0].sum()), int(grid[0, 0].sum())
+        self.at = (coords[:, 0], coords[:, 1] // GRID_STEP, coords[:, 2] // GRID_STEP)  # each row on the grid
         self.classes = list(range(1, len(sample.class_names) + 1))
         self.rows = run_job(cache.columns_job(coords, CPU)).astype(np.float16)
         self.strokes = {}
@@ -63,6 +69,12 @@ class TaskFeatures:
             columns = run_job(cache.columns_job(painted.coords, CPU))
             self.strokes[seed] = (strokes, columns, painted.classes, painted.groups())
         cache.columns.clear()
+
+    def on_grid(self, values: np.ndarray) -> np.ndarray:
+        """Per-row ``values`` as a (Z, Y / 3, X / 3) volume on the grid, 0 where no row is."""
+        volume = np.zeros(self.grid_shape, dtype=np.uint8)
+        volume[self.at] = values
+        return volume
 
     def width(self, levels: int) -> int:
         """Channels of the grey value, the filter bank and the first ``levels`` encoder levels."""
@@ -83,7 +95,8 @@ def _local_contrast(rows: np.ndarray, names: list[str]) -> np.ndarray:
     return np.concatenate([rows, rows[:, filters] / mean], 1)
 
 
-# name: (classifier factory, feature transform or None, encoder levels: "cv" = the engine's choice)
+# name: (classifier factory, "self-training" or None = the engine's forest; feature transform or None;
+# encoder levels: "cv" = the engine's choice)
 LEVERS = {
     "engine": (None, None, "cv"),
     "trees-64": (_forest(n_estimators=64), None, "cv"),
@@ -96,7 +109,10 @@ LEVERS = {
     "levels-1": (_forest(), None, 1),
     "levels-2": (_forest(), None, 2),
     "levels-4": (_forest(), None, 4),
+    "self-training": ("self-training", None, "cv"),
+    "correction-weight-3": (None, None, "cv"),
 }
+CORRECTION_WEIGHT = {"correction-weight-3": 3}
 
 
 def _predictor(make, transform, names: list[str], columns: np.ndarray, classes: np.ndarray, seed: int):
@@ -109,24 +125,76 @@ def _predictor(make, transform, names: list[str], columns: np.ndarray, classes: 
     return lambda rows: classifier.predict(prepare(rows))
 
 
-def run_lever(features: TaskFeatures, lever: str, seed: int) -> dict:
-    make, transform, levels = LEVERS[lever]
+# Self-training: stage 1's confident grid voxels (probability >= 0.9), at most this many per
+# predicted class, join the strokes as labels for a second forest (transductive: the engine
+# predicts the user's whole volume anyway).
+CONFIDENT, PSEUDO_PER_CLASS = 0.9, 5000
+
+
+def _self_trained(columns: np.ndarray, classes: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
+    """Labels of the grid ``rows`` from a forest on the strokes plus stage 1's confident voxels."""
+    num_classes = int(classes.max())
+    first = _chunked(ForestClassifier(num_classes, seed=seed).fit(columns, classes).predict_proba, rows)
+    confidence, predicted = first.max(1), first.argmax(1) + 1
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in range(1, num_classes + 1):
+        confident = np.flatnonzero((predicted == c) & (confidence >= CONFIDENT))
+        picks.append(rng.choice(confident, min(len(confident), PSEUDO_PER_CLASS), replace=False))
+    picks = np.concatenate(picks)
+    second = ForestClassifier(num_classes, seed=seed).fit(
+        np.concatenate([columns, rows[picks].astype(np.float32)]), np.concatenate([classes, predicted[picks]]))
+    return _chunked(second.predict_proba, rows).argmax(1) + 1
+
+
+def _chunked(predict, rows: np.ndarray, chunk: int = 1 << 19) -> np.ndarray:
+    return np.concatenate([predict(rows[i : i + chunk].astype(np.float32)) for i in range(0, len(rows), chunk)])
+
+
+def _labels(features: TaskFeatures, lever: str, columns: np.ndarray, classes: np.ndarray, seed: int) -> np.ndarray:
+    """The grid rows' classes from ``lever`` trained on ``columns`` (their width: the channels used)."""
+    make, transform, _ = LEVERS[lever]
+    rows = features.rows[:, : columns.shape[1]]
+    if make == "self-training":
+        return _self_trained(columns, classes, rows, seed)
+    return _chunked(_predictor(make, transform, features.names[: columns.shape[1]], columns, classes, seed), rows)
+
+
+def _dice(features: TaskFeatures, predicted: np.ndarray, slices: np.ndarray) -> float:
+    where = np.isin(features.z, slices)
+    return float(np.nanmean(list(dice_scores(predicted[where], features.truth[where], features.classes).values())))
+
+
+def run_lever(features: TaskFeatures, lever: str, seed: int, corrective: bool = False) -> dict:
     strokes, columns, classes, groups = features.strokes[seed]
+    levels = LEVERS[lever][2]
     if levels == "cv":
         spec, _ = choose_levels(columns, classes, groups, features.spec, features.segmenter.encoder, seed)
         levels = len(spec.levels)
-    width = features.width(levels)
+    columns = columns[:, : features.width(levels)]
     start = time.perf_counter()
-    predict = _predictor(make, transform, features.names[:width], columns[:, :width], classes, seed)
-    rows, chunk = features.rows, 1 << 19
-    predicted = np.concatenate([predict(rows[i : i + chunk, :width].astype(np.float32))
-                                for i in range(0, len(rows), chunk)])
+    first = _labels(features, lever, columns, classes, seed)
     result = {"lever": lever, "seed": seed, "levels": levels, "seconds": time.perf_counter() - start}
-    for name, slices in slice_sets(strokes).items():
-        where = np.isin(features.z, slices)
-        per_class = dice_scores(predicted[where], features.truth[where], features.classes)
-        result[name] = float(np.nanmean(list(per_class.values())))
+    result |= {name: _dice(features, first, slices) for name, slices in slice_sets(strokes).items()}
+    if corrective:
+        result |= _corrective_round(features, lever, seed, columns, classes, first)
     return result
+
+
+def _corrective_round(features, lever, seed, columns, classes, first) -> dict:
+    """run.py's corrective round on the grid: strokes in the 2 worst unpainted grid slices
+    (a brush of one grid step), all strokes refit, Dice before and after on the slices
+    unpainted in both rounds (``CORRECTION_WEIGHT``: a corrective row counts that many times)."""
+    strokes = features.strokes[seed][0]
+    corrections = paint_corrections(features.on_grid(features.truth), features.on_grid(first),
+                                    strokes[:, ::GRID_STEP, ::GRID_STEP], seed=seed, **CORRECTIONS)
+    corrected = corrections[features.at]
+    picked = np.repeat(np.flatnonzero(corrected), CORRECTION_WEIGHT.get(lever, 1))
+    second = _labels(features, lever, np.concatenate([columns, features.rows[picked, : columns.shape[1]]]),
+                     np.concatenate([classes, corrected[picked]]), seed)
+    kept = np.setdiff1d(slice_sets(strokes)["all"], np.flatnonzero(corrections.any(axis=(1, 2))))
+    before, after = _dice(features, first, kept), _dice(features, second, kept)
+    return {"before": before, "after": after, "gain": after - before}
 
 
 def main() -> None:
@@ -135,24 +203,33 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=context, choices=list(TASKS))
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "levers.md")
+    parser.add_argument("--corrective", action="store_true",
+                        help="also the corrective round on the grid (results/levers_corrective.md by default)")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    out = args.out or HERE / "results" / ("levers_corrective.md" if args.corrective else "levers.md")
     torch.set_num_threads(2)
     results = {}
     for task in args.tasks:
         features = TaskFeatures(task, args.seeds)
-        results[task] = [run_lever(features, lever, seed) for seed in args.seeds for lever in args.levers]
+        results[task] = [run_lever(features, lever, seed, args.corrective)
+                         for seed in args.seeds for lever in args.levers]
         for r in results[task]:
             print(task, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+    by_lever = {task: {lever: [r for r in runs if r["lever"] == lever] for lever in args.levers}
+                for task, runs in results.items()}
     lines = ["# Levers of arm (c) on the strokes suite's features", "",
-             f"`python benchmarks/strokes/levers.py --tasks {' '.join(args.tasks)}` (protocol: its docstring); "
+             f"`python benchmarks/strokes/levers.py --tasks {' '.join(args.tasks)} --levers {' '.join(args.levers)}"
+             f"{' --corrective' if args.corrective else ''}` (protocol: its docstring); "
              f"seeds {', '.join(map(str, args.seeds))}; Dice (mean over classes) near / far, mean +- std over seeds, "
              f"on every {GRID_STEP}rd row and column of each slice.", "", provenance(), "",
-             *near_far_table({task: {lever: [r for r in runs if r["lever"] == lever] for lever in args.levers}
-                              for task, runs in results.items()}, "lever"), ""]
-    args.out.write_text("\n".join(lines))
-    (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.out}")
+             *near_far_table(by_lever, "lever"), ""]
+    if args.corrective:
+        lines += ["Corrective round (Dice on the slices unpainted in both rounds):", "",
+                  *near_far_table(by_lever, "lever", keys=("before", "after", "gain")), ""]
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
