@@ -111,6 +111,7 @@ LEVERS = {
     "levels-4": (_forest(), None, 4),
     "self-training": ("self-training", None, "cv"),
     "correction-weight-3": (None, None, "cv"),
+    "rechoose-levels": (None, None, "cv"),
 }
 CORRECTION_WEIGHT = {"correction-weight-3": 3}
 
@@ -177,21 +178,26 @@ def run_lever(features: TaskFeatures, lever: str, seed: int, corrective: bool = 
     result = {"lever": lever, "seed": seed, "levels": levels, "seconds": time.perf_counter() - start}
     result |= {name: _dice(features, first, slices) for name, slices in slice_sets(strokes).items()}
     if corrective:
-        result |= _corrective_round(features, lever, seed, columns, classes, first)
+        result |= _corrective_round(features, lever, seed, levels, first)
     return result
 
 
-def _corrective_round(features, lever, seed, columns, classes, first) -> dict:
+def _corrective_round(features, lever, seed, levels, first) -> dict:
     """run.py's corrective round on the grid: strokes in the 2 worst unpainted grid slices
     (a brush of one grid step), all strokes refit, Dice before and after on the slices
-    unpainted in both rounds (``CORRECTION_WEIGHT``: a corrective row counts that many times)."""
-    strokes = features.strokes[seed][0]
+    unpainted in both rounds (``CORRECTION_WEIGHT``: a corrective row counts that many times;
+    ``rechoose-levels``: the levels chosen again on all strokes)."""
+    strokes, columns, classes, groups = features.strokes[seed]
     corrections = paint_corrections(features.on_grid(features.truth), features.on_grid(first),
                                     strokes[:, ::GRID_STEP, ::GRID_STEP], seed=seed, **CORRECTIONS)
     corrected = corrections[features.at]
     picked = np.repeat(np.flatnonzero(corrected), CORRECTION_WEIGHT.get(lever, 1))
-    second = _labels(features, lever, np.concatenate([columns, features.rows[picked, : columns.shape[1]]]),
-                     np.concatenate([classes, corrected[picked]]), seed)
+    columns = np.concatenate([columns, features.rows[picked].astype(np.float32)])
+    classes = np.concatenate([classes, corrected[picked]])
+    if lever == "rechoose-levels":
+        groups = np.concatenate([groups, features.z[picked]])
+        levels = len(choose_levels(columns, classes, groups, features.spec, features.segmenter.encoder, seed)[0].levels)
+    second = _labels(features, lever, columns[:, : features.width(levels)], classes, seed)
     kept = np.setdiff1d(slice_sets(strokes)["all"], np.flatnonzero(corrections.any(axis=(1, 2))))
     before, after = _dice(features, first, kept), _dice(features, second, kept)
     return {"before": before, "after": after, "gain": after - before}
