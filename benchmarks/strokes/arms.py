@@ -33,9 +33,10 @@ class Ours:
     keeps per image), it is made once at Train and passed to every call, as the widget does."""
 
     def __init__(self, class_names, seed: int, weights: str = "default", strategy: str | None = None,
-                 full: bool = False, forest: dict | None = None) -> None:
+                 full: bool = False, forest: dict | None = None, levels: tuple | None = None) -> None:
         self.class_names, self.seed = list(class_names), seed
         self.weights, self.strategy, self.full, self.forest = weights, strategy, full, forest or {}
+        self.levels = levels  # None: the engine's default levels (and its cross-validated choice)
         self.segmenter = None
         self.cache: dict = {}
         self.summary: dict = {}
@@ -47,7 +48,9 @@ class Ours:
         torch.manual_seed(self.seed)  # the head's initialisation and dropout
         kwargs = {} if self.strategy is None else {"strategy": self.strategy}
         classifier = ForestClassifier(len(self.class_names), **self.forest) if self.forest else None
-        self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names, classifier=classifier)
+        levels = {} if self.levels is None else {"levels": self.levels}
+        self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names, classifier=classifier,
+                                   **levels)
         if callable(getattr(self.segmenter, "features", None)):
             self.cache = {"features": self.segmenter.features(image, spacing=spacing)}
         self.summary = finetune(self.segmenter, image, strokes, spacing=spacing, **self._full(), **self.cache)
@@ -204,7 +207,8 @@ class SliceForest:
 def make_arm(name: str, class_names, seed: int):
     """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-full``,
     ``default-features-0.3`` (the forest tries 30% of the channels per split),
-    ``default-unweighted`` (the forest without class weights), or
+    ``default-unweighted`` (the forest without class weights), ``default-no-levels`` (the
+    filter bank alone: no encoder level), or
     ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
     if name == "filters-forest":
         return FilterForest(class_names, seed)
@@ -218,6 +222,8 @@ def make_arm(name: str, class_names, seed: int):
         return Ours(class_names, seed, forest={"max_features": 0.3})
     if name == "default-unweighted":
         return Ours(class_names, seed, forest={"class_weight": None})
+    if name == "default-no-levels":
+        return Ours(class_names, seed, levels=())
     weights, _, strategy = name.partition("-")
     if weights in WEIGHTS and strategy in STRATEGIES:
         return Ours(class_names, seed, weights=weights, strategy=strategy)
@@ -227,4 +233,5 @@ def make_arm(name: str, class_names, seed: int):
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-ALL_ARMS = (*DEFAULT_ARMS, "default-full", "default-features-0.3", "default-unweighted", *STRATEGY_ARMS)
+FOREST_ARMS = ("default-features-0.3", "default-unweighted", "default-no-levels")
+ALL_ARMS = (*DEFAULT_ARMS, "default-full", *FOREST_ARMS, *STRATEGY_ARMS)

@@ -16,6 +16,7 @@ NAMES = {
     "default-full": "ours, default, full fine-tuning",
     "default-features-0.3": "ours, default, forest max_features 0.3",
     "default-unweighted": "ours, default, forest without class weights",
+    "default-no-levels": "ours, default, filter bank only (no encoder level)",
 }
 SETS = ("near", "far", "all")
 
