@@ -7,6 +7,7 @@ full-volume label map, classes 1..N). The runner times each call.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import ClassVar
 
@@ -48,9 +49,9 @@ class Ours:
         torch.manual_seed(self.seed)  # the head's initialisation and dropout
         kwargs = {} if self.strategy is None else {"strategy": self.strategy}
         classifier = ForestClassifier(len(self.class_names), **self.forest) if self.forest else None
-        levels = {} if self.levels is None else {"levels": self.levels}
-        self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names, classifier=classifier,
-                                   **levels)
+        self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names, classifier=classifier)
+        if self.levels is not None:
+            self.segmenter.spec = dataclasses.replace(self.segmenter.spec, levels=tuple(self.levels))
         if callable(getattr(self.segmenter, "features", None)):
             self.cache = {"features": self.segmenter.features(image, spacing=spacing)}
         self.summary = finetune(self.segmenter, image, strokes, spacing=spacing, **self._full(), **self.cache)
