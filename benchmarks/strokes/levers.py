@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -95,25 +97,33 @@ def _local_contrast(rows: np.ndarray, names: list[str]) -> np.ndarray:
     return np.concatenate([rows, rows[:, filters] / mean], 1)
 
 
-# name: (classifier factory, "self-training" or None = the engine's forest; feature transform or None;
-# encoder levels: "cv" = the engine's choice)
+class Lever(NamedTuple):
+    """One change to arm (c); the defaults are (c) itself."""
+
+    make: Callable | None = None  # a scikit-learn classifier factory (seed -> classifier); None: the engine's forest
+    transform: Callable | None = None  # (rows, channel names) -> rows
+    levels: int | str = "cv"  # encoder levels kept; "cv": the engine's cross-validated choice
+    self_training: bool = False  # also train on the first forest's confident grid voxels
+    correction_weight: int = 1  # corrective round: each corrective row counts this many times
+    rechoose_levels: bool = False  # corrective round: choose the levels again on all strokes
+
+
 LEVERS = {
-    "engine": (None, None, "cv"),
-    "trees-64": (_forest(n_estimators=64), None, "cv"),
-    "trees-100": (_forest(n_estimators=100), None, "cv"),
-    "max-features-0.3": (_forest(max_features=0.3), None, "cv"),
-    "no-class-weights": (_forest(class_weight=None), None, "cv"),
-    "extra-trees": (_forest(kind=ExtraTreesClassifier), None, "cv"),
-    "local-contrast": (_forest(), _local_contrast, "cv"),
-    "levels-0": (_forest(), None, 0),
-    "levels-1": (_forest(), None, 1),
-    "levels-2": (_forest(), None, 2),
-    "levels-4": (_forest(), None, 4),
-    "self-training": ("self-training", None, "cv"),
-    "correction-weight-3": (None, None, "cv"),
-    "rechoose-levels": (None, None, "cv"),
+    "engine": Lever(),
+    "trees-64": Lever(_forest(n_estimators=64)),
+    "trees-100": Lever(_forest(n_estimators=100)),
+    "max-features-0.3": Lever(_forest(max_features=0.3)),
+    "no-class-weights": Lever(_forest(class_weight=None)),
+    "extra-trees": Lever(_forest(kind=ExtraTreesClassifier)),
+    "local-contrast": Lever(_forest(), _local_contrast),
+    "levels-0": Lever(_forest(), levels=0),
+    "levels-1": Lever(_forest(), levels=1),
+    "levels-2": Lever(_forest(), levels=2),
+    "levels-4": Lever(_forest(), levels=4),
+    "self-training": Lever(self_training=True),
+    "correction-weight-3": Lever(correction_weight=3),
+    "rechoose-levels": Lever(rechoose_levels=True),
 }
-CORRECTION_WEIGHT = {"correction-weight-3": 3}
 
 
 def _predictor(make, transform, names: list[str], columns: np.ndarray, classes: np.ndarray, seed: int):
@@ -154,11 +164,11 @@ def _chunked(predict, rows: np.ndarray, chunk: int = 1 << 19) -> np.ndarray:
 
 def _labels(features: TaskFeatures, lever: str, columns: np.ndarray, classes: np.ndarray, seed: int) -> np.ndarray:
     """The grid rows' classes from ``lever`` trained on ``columns`` (their width: the channels used)."""
-    make, transform, _ = LEVERS[lever]
-    rows = features.rows[:, : columns.shape[1]]
-    if make == "self-training":
+    settings, rows = LEVERS[lever], features.rows[:, : columns.shape[1]]
+    if settings.self_training:
         return _self_trained(columns, classes, rows, seed)
-    return _chunked(_predictor(make, transform, features.names[: columns.shape[1]], columns, classes, seed), rows)
+    names = features.names[: columns.shape[1]]
+    return _chunked(_predictor(settings.make, settings.transform, names, columns, classes, seed), rows)
 
 
 def _dice(features: TaskFeatures, predicted: np.ndarray, slices: np.ndarray) -> float:
@@ -168,7 +178,7 @@ def _dice(features: TaskFeatures, predicted: np.ndarray, slices: np.ndarray) -> 
 
 def run_lever(features: TaskFeatures, lever: str, seed: int, corrective: bool = False) -> dict:
     strokes, columns, classes, groups = features.strokes[seed]
-    levels = LEVERS[lever][2]
+    levels = LEVERS[lever].levels
     if levels == "cv":
         spec, _ = choose_levels(columns, classes, groups, features.spec, features.segmenter.encoder, seed)
         levels = len(spec.levels)
@@ -185,16 +195,15 @@ def run_lever(features: TaskFeatures, lever: str, seed: int, corrective: bool = 
 def _corrective_round(features, lever, seed, levels, first) -> dict:
     """run.py's corrective round on the grid: strokes in the 2 worst unpainted grid slices
     (a brush of one grid step), all strokes refit, Dice before and after on the slices
-    unpainted in both rounds (``CORRECTION_WEIGHT``: a corrective row counts that many times;
-    ``rechoose-levels``: the levels chosen again on all strokes)."""
+    unpainted in both rounds."""
     strokes, columns, classes, groups = features.strokes[seed]
     corrections = paint_corrections(features.on_grid(features.truth), features.on_grid(first),
                                     strokes[:, ::GRID_STEP, ::GRID_STEP], seed=seed, **CORRECTIONS)
     corrected = corrections[features.at]
-    picked = np.repeat(np.flatnonzero(corrected), CORRECTION_WEIGHT.get(lever, 1))
+    picked = np.repeat(np.flatnonzero(corrected), LEVERS[lever].correction_weight)
     columns = np.concatenate([columns, features.rows[picked].astype(np.float32)])
     classes = np.concatenate([classes, corrected[picked]])
-    if lever == "rechoose-levels":
+    if LEVERS[lever].rechoose_levels:
         groups = np.concatenate([groups, features.z[picked]])
         levels = len(choose_levels(columns, classes, groups, features.spec, features.segmenter.encoder, seed)[0].levels)
     second = _labels(features, lever, columns[:, : features.width(levels)], classes, seed)

@@ -122,9 +122,10 @@ class ForestClassifier:
                 f"The saved forest lacks the node fields {missing} of this scikit-learn ({NODE_DTYPE.names}): "
                 "it was saved by an incompatible version; retrain it from the strokes."
             )
-        classifier = cls(num_classes, trees=config["trees"], max_depth=config["max_depth"],
-                         max_features=config.get("max_features", "sqrt"),
-                         class_weight=config.get("class_weight", "balanced_subsample"), seed=config["seed"])
+        # Older configs lack the settings added later; the constructor's defaults are what they were trained with.
+        later = {key: config[key] for key in ("max_features", "class_weight") if key in config}
+        classifier = cls(num_classes, trees=config["trees"], max_depth=config["max_depth"], seed=config["seed"],
+                         **later)
         classes, n_features = state["classes"], int(state["num_features"][0])
         forest = classifier._new_forest()
         forest.estimators_ = []
