@@ -34,10 +34,12 @@ class Ours:
     keeps per image), it is made once at Train and passed to every call, as the widget does."""
 
     def __init__(self, class_names, seed: int, weights: str = "default", strategy: str | None = None,
-                 full: bool = False, forest: dict | None = None, levels: tuple | None = None) -> None:
+                 full: bool = False, forest: dict | None = None, levels: tuple | None = None,
+                 context: bool = True) -> None:
         self.class_names, self.seed = list(class_names), seed
         self.weights, self.strategy, self.full, self.forest = weights, strategy, full, forest or {}
         self.levels = levels  # None: the engine's default levels (and its cross-validated choice)
+        self.context = context  # False: the first forest alone (no auto-context)
         self.segmenter = None
         self.cache: dict = {}
         self.summary: dict = {}
@@ -49,7 +51,9 @@ class Ours:
         torch.manual_seed(self.seed)  # the head's initialisation and dropout
         kwargs = {} if self.strategy is None else {"strategy": self.strategy}
         classifier = ForestClassifier(len(self.class_names), **self.forest) if self.forest else None
-        self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names, classifier=classifier)
+        context = {} if self.context else {"context": None}
+        self.segmenter = Segmenter(prepare_model(self.weights, **kwargs), self.class_names, classifier=classifier,
+                                   **context)
         if self.levels is not None:
             self.segmenter.spec = dataclasses.replace(self.segmenter.spec, levels=tuple(self.levels))
         if callable(getattr(self.segmenter, "features", None)):
@@ -73,7 +77,10 @@ class Ours:
     def info(self) -> dict:
         describe = getattr(self.segmenter, "describe", None)
         features = describe() if callable(describe) else getattr(self.segmenter, "hypercolumn", None)
-        return {"hypercolumn": features, "summary": {k: v for k, v in self.summary.items() if _plain(v)}}
+        summary = {k: v for k, v in self.summary.items() if _plain(v)}
+        if "context" in self.summary:  # whether auto-context was kept, and its cross-validation
+            summary["context"] = self.summary["context"]
+        return {"hypercolumn": features, "summary": summary}
 
 
 def _plain(value) -> bool:
@@ -209,7 +216,8 @@ def make_arm(name: str, class_names, seed: int):
     """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-full``,
     ``default-features-0.3`` (the forest tries 30% of the channels per split),
     ``default-unweighted`` (the forest without class weights), ``default-no-levels`` (the
-    filter bank alone: no encoder level), or
+    filter bank alone: no encoder level), ``default-no-context`` (the first forest alone: no
+    auto-context), or
     ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
     if name == "filters-forest":
         return FilterForest(class_names, seed)
@@ -225,6 +233,8 @@ def make_arm(name: str, class_names, seed: int):
         return Ours(class_names, seed, forest={"class_weight": None})
     if name == "default-no-levels":
         return Ours(class_names, seed, levels=())
+    if name == "default-no-context":
+        return Ours(class_names, seed, context=False)
     weights, _, strategy = name.partition("-")
     if weights in WEIGHTS and strategy in STRATEGIES:
         return Ours(class_names, seed, weights=weights, strategy=strategy)
@@ -234,5 +244,5 @@ def make_arm(name: str, class_names, seed: int):
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-FOREST_ARMS = ("default-features-0.3", "default-unweighted", "default-no-levels")
+FOREST_ARMS = ("default-no-context", "default-features-0.3", "default-unweighted", "default-no-levels")
 ALL_ARMS = (*DEFAULT_ARMS, "default-full", *FOREST_ARMS, *STRATEGY_ARMS)

@@ -41,7 +41,10 @@ from napari_crossd.evaluation import paint_strokes
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
-ARMS = ("engine", "auto-context", "cross-fitted")
+ARMS = ("engine", "auto-context", "cross-fitted", "distance", "both", "coarse")
+CAP_VOXELS = 32  # class distances are clipped at 32 of the finest voxel size
+FOREST = {}  # ForestClassifier settings of every forest here (--max-features)
+STRIDE = 2  # class distances are computed on every 2nd voxel of each axis, then repeated
 
 
 def volume_features(segmenter: Segmenter, cache, shape) -> np.ndarray:
@@ -66,6 +69,75 @@ def smoothed(maps: np.ndarray, sigmas) -> np.ndarray:
     return np.stack([ndimage.gaussian_filter(m, s, mode="nearest") for m in maps for s in sigmas])
 
 
+def class_distances(labels: np.ndarray, classes: int, spacing, cap: float) -> np.ndarray:
+    """Signed distance (spacing units, clipped to +-cap) of every voxel to each class' region, ``(N, Z, Y, X)``.
+
+    Positive outside the class, negative inside; a class absent from ``labels`` reads ``cap``.
+    """
+    out = np.full((classes, *labels.shape), cap, np.float32)
+    for k in range(classes):
+        inside = labels == k + 1
+        if inside.any():
+            d = ndimage.distance_transform_edt(~inside, sampling=spacing) - ndimage.distance_transform_edt(
+                inside, sampling=spacing)
+            out[k] = np.clip(d, -cap, cap)
+    return out
+
+
+def coarse_distances(forest, features, classes, spacing, cap) -> np.ndarray:
+    """:func:`class_distances` of the forest's labels on the stride grid, repeated back to full size."""
+    grid = features[:, ::STRIDE, ::STRIDE, ::STRIDE]
+    labels = probabilities(forest, np.ascontiguousarray(grid)).argmax(0) + 1
+    d = class_distances(labels, classes, [s * STRIDE for s in spacing], cap)
+    for axis in (1, 2, 3):
+        d = np.repeat(d, STRIDE, axis=axis)
+    return d[:, : features.shape[1], : features.shape[2], : features.shape[3]]
+
+
+def cross_fitted_distances(features, coords, classes, spacing, cap, seed: int) -> np.ndarray:
+    """``(P, N)`` class distances at the painted voxels, each plane's from a forest without its strokes."""
+    reach = int(np.ceil(cap / spacing[0])) + STRIDE
+    columns = features[:, coords[:, 0], coords[:, 1], coords[:, 2]].T
+    n = int(classes.max())
+    out = np.empty((len(coords), n), np.float32)
+    for z in np.unique(coords[:, 0]):
+        held = coords[:, 0] == z
+        forest = ForestClassifier(n, seed=seed).fit(columns[~held], classes[~held])
+        low = max(0, (z - reach) // STRIDE * STRIDE)
+        high = min(features.shape[1], z + reach + 1)
+        d = coarse_distances(forest, features[:, low:high], n, spacing, cap)
+        plane = coords[held]
+        out[held] = d[:, plane[:, 0] - low, plane[:, 1], plane[:, 2]].T
+    return out
+
+
+def coarse_smoothed(forest, features, sigmas) -> np.ndarray:
+    """:func:`smoothed` maps computed on the stride grid (sigmas / stride), trilinearly upsampled."""
+    grid = np.ascontiguousarray(features[:, ::STRIDE, ::STRIDE, ::STRIDE])
+    maps = smoothed(probabilities(forest, grid), [s / STRIDE for s in sigmas])
+    t = torch.from_numpy(maps)[None]
+    size = [(n - 1) // STRIDE * STRIDE + 1 for n in features.shape[1:]]  # grid points at i * STRIDE
+    up = torch.nn.functional.interpolate(t, size=size, mode="trilinear", align_corners=True)[0]
+    pad = [0, features.shape[3] - size[2], 0, features.shape[2] - size[1], 0, features.shape[1] - size[0]]
+    return torch.nn.functional.pad(up[None], pad, mode="replicate")[0].numpy()
+
+
+def cross_fitted_coarse(features, coords, classes, sigmas, seed: int) -> np.ndarray:
+    """As :func:`cross_fitted_context`, the maps from :func:`coarse_smoothed`."""
+    reach = int(3 * max(sigmas)) + 1 + STRIDE
+    columns = features[:, coords[:, 0], coords[:, 1], coords[:, 2]].T
+    out = np.empty((len(coords), int(classes.max()) * len(sigmas)), np.float32)
+    for z in np.unique(coords[:, 0]):
+        held = coords[:, 0] == z
+        forest = ForestClassifier(int(classes.max()), seed=seed, **FOREST).fit(columns[~held], classes[~held])
+        low = max(0, (z - reach) // STRIDE * STRIDE)
+        high = min(features.shape[1], z + reach + 1)
+        maps = coarse_smoothed(forest, features[:, low:high], sigmas)
+        plane = coords[held]
+        out[held] = maps[:, plane[:, 0] - low, plane[:, 1], plane[:, 2]].T
+    return out
+
+
 def cross_fitted_context(features, coords, classes, sigmas, seed: int) -> np.ndarray:
     """``(P, N * len(sigmas))`` maps at the painted voxels, each plane's from a forest without its strokes."""
     reach = int(3 * max(sigmas)) + 1
@@ -73,7 +145,7 @@ def cross_fitted_context(features, coords, classes, sigmas, seed: int) -> np.nda
     out = np.empty((len(coords), int(classes.max()) * len(sigmas)), np.float32)
     for z in np.unique(coords[:, 0]):
         held = coords[:, 0] == z
-        forest = ForestClassifier(int(classes.max()), seed=seed).fit(columns[~held], classes[~held])
+        forest = ForestClassifier(int(classes.max()), seed=seed, **FOREST).fit(columns[~held], classes[~held])
         low, high = max(0, z - reach), min(features.shape[1], z + reach + 1)
         maps = smoothed(probabilities(forest, features[:, low:high]), sigmas)
         plane = coords[held]
@@ -81,32 +153,51 @@ def cross_fitted_context(features, coords, classes, sigmas, seed: int) -> np.nda
     return out
 
 
-def second_stage(features, context, coords, classes, train_context, seed: int) -> np.ndarray:
+def second_stage(features, context, train_context, coords, classes, seed: int) -> np.ndarray:
     """Labels of a forest on the features plus ``context`` maps, trained with ``train_context`` at ``coords``."""
     columns = features[:, coords[:, 0], coords[:, 1], coords[:, 2]].T
-    forest = ForestClassifier(int(classes.max()), seed=seed).fit(np.concatenate([columns, train_context], 1), classes)
+    forest = ForestClassifier(int(classes.max()), seed=seed, **FOREST)
+    forest.fit(np.concatenate([columns, train_context], 1), classes)
     return probabilities(forest, np.concatenate([features, context])).argmax(0) + 1
 
 
-def run_seed(sample, seed: int, sigmas) -> dict[str, dict]:
+def run_seed(sample, seed: int, sigmas, arms) -> dict[str, dict]:
     truth, names = sample.labels, sample.class_names
     strokes = paint_strokes(truth, seed=seed, **STROKES)
-    segmenter = Segmenter(prepare_model("default"), names)
+    segmenter = Segmenter(prepare_model("default"), names, classifier=ForestClassifier(len(names), **FOREST))
     cache = segmenter.features(sample.image, spacing=sample.spacing)
     finetune(segmenter, sample.image, strokes, spacing=sample.spacing, features=cache)
     features = volume_features(segmenter, cache, sample.image.shape)
     painted = Annotations.from_labels(strokes, num_classes=len(names))
+    coords, classes = painted.coords, painted.classes
     first = probabilities(segmenter.classifier, features)
-    context = smoothed(first, sigmas)
-    coords = painted.coords
-    in_sample = context[:, coords[:, 0], coords[:, 1], coords[:, 2]].T
-    crossed = cross_fitted_context(features, coords, painted.classes, sigmas, seed)
-    labels = {"engine": first.argmax(0) + 1,
-              "auto-context": second_stage(features, context, coords, painted.classes, in_sample, seed),
-              "cross-fitted": second_stage(features, context, coords, painted.classes, crossed, seed)}
-    classes = list(range(1, len(names) + 1))
-    return {arm: {name: scores(labels[arm], truth, zs, classes)["mean"] for name, zs in slice_sets(strokes).items()}
-            | {"levels": len(segmenter.spec.levels)} for arm in ARMS}
+    n, cap = len(names), CAP_VOXELS * min(sample.spacing)
+
+    def smoothed_pair():
+        return smoothed(first, sigmas), cross_fitted_context(features, coords, classes, sigmas, seed)
+
+    def distance_pair():
+        return (coarse_distances(segmenter.classifier, features, n, sample.spacing, cap),
+                cross_fitted_distances(features, coords, classes, sample.spacing, cap, seed))
+
+    def in_sample():
+        context = smoothed(first, sigmas)
+        return context, context[:, coords[:, 0], coords[:, 1], coords[:, 2]].T
+
+    def both():
+        (a, a_train), (b, b_train) = smoothed_pair(), distance_pair()
+        return np.concatenate([a, b]), np.concatenate([a_train, b_train], 1)
+
+    contexts = {"auto-context": in_sample, "cross-fitted": smoothed_pair, "distance": distance_pair, "both": both,
+                "coarse": lambda: (coarse_smoothed(segmenter.classifier, features, sigmas),
+                                   cross_fitted_coarse(features, coords, classes, sigmas, seed))}
+    labels = {"engine": first.argmax(0) + 1}
+    for arm in arms:
+        if arm != "engine":
+            labels[arm] = second_stage(features, *contexts[arm](), coords, classes, seed)
+    ids = list(range(1, len(names) + 1))
+    return {arm: {name: scores(labels[arm], truth, zs, ids)["mean"] for name, zs in slice_sets(strokes).items()}
+            | {"levels": len(segmenter.spec.levels)} for arm in labels}
 
 
 def main() -> None:
@@ -115,13 +206,17 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=context, choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sigmas", nargs="+", type=float, default=[1.0, 2.0, 4.0])
+    parser.add_argument("--max-features", default=None, help="every forest's max_features (default: the engine's)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "autocontext.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = {}
+    if args.max_features is not None:
+        FOREST["max_features"] = float(args.max_features) if args.max_features[0].isdigit() else args.max_features
+    results, arms = {}, ["engine", *[a for a in args.arms if a != "engine"]]
     for task in args.tasks:
         sample = TASKS[task].load()
-        results[task] = [{"seed": seed, **run_seed(sample, seed, args.sigmas)} for seed in args.seeds]
+        results[task] = [{"seed": seed, **run_seed(sample, seed, args.sigmas, args.arms)} for seed in args.seeds]
         for r in results[task]:
             print(task, json.dumps(r), flush=True)
     lines = ["# Auto-context on the strokes suite", "",
@@ -129,7 +224,7 @@ def main() -> None:
              f"{' '.join(f'{s:g}' for s in args.sigmas)}` (protocol: its docstring); seeds "
              f"{', '.join(map(str, args.seeds))}; Dice (mean over classes) near / far, mean +- std over seeds.", "",
              provenance(), "",
-             *near_far_table({task: {arm: [r[arm] for r in runs] for arm in ARMS} for task, runs in results.items()},
+             *near_far_table({task: {arm: [r[arm] for r in runs] for arm in arms} for task, runs in results.items()},
                              "arm"), ""]
     args.out.write_text("\n".join(lines))
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -13,6 +13,7 @@ NAMES = {
     "filters-forest": "(a) filter bank + forest (ilastik)",
     "slices-forest": "(b) 2D ImageNet MobileNetV2 per slice + forest (Convpaint)",
     "default": "(c) ours, default (widget)",
+    "default-no-context": "ours, default without auto-context (the (c) before 2026-12-02)",
     "default-full": "ours, default, full fine-tuning",
     "default-features-0.3": "ours, default, forest max_features 0.3",
     "default-unweighted": "ours, default, forest without class weights",

@@ -65,6 +65,12 @@ class ForestClassifier:
         return {"kind": "random forest", "trees": self.trees, "max_depth": self.max_depth,
                 "max_features": self.max_features, "class_weight": self.class_weight, "seed": self.seed}
 
+    def unfitted(self, seed: int | None = None) -> ForestClassifier:
+        """A new, untrained classifier with these settings (and ``seed``, if given)."""
+        return ForestClassifier(self.num_classes, trees=self.trees, max_depth=self.max_depth,
+                                max_features=self.max_features, class_weight=self.class_weight,
+                                seed=self.seed if seed is None else seed)
+
     def _new_forest(self) -> RandomForestClassifier:
         return RandomForestClassifier(
             n_estimators=self.trees,

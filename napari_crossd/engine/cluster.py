@@ -91,8 +91,7 @@ def segment_on_cluster_job(
         stats=intensity_stats(volume, segmenter.preset), device=device, probabilities=probabilities,
         settings=dict(spacing=spacing, resample=resample, tile=tile, overlap=overlap, batch=batch),
     )
-    halo = segmenter.spec.halo(segmenter.encoder)
-    yield from _blocks_job(client, segmenter, volume, halo, block, _segment_block, options, write, "segment")
+    yield from _blocks_job(client, segmenter, volume, segmenter.halo, block, _segment_block, options, write, "segment")
     return labels, probs
 
 

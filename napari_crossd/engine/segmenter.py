@@ -32,6 +32,7 @@ from ..io import load_model, save_model
 from ..io.atomic import atomic_directory
 from .annotations import Annotations, annotations_of_volumes
 from .classifier import ForestClassifier
+from .context import ContextSpec, class_maps_job, context_of_box, context_scores, cross_fitted_context_job
 from .devices import release_memory, resolve_device
 from .encoder_tuning import tune_encoder_job
 from .features import check_levels, lazy_blocks, require_3d
@@ -56,11 +57,15 @@ __all__ = [
 
 SEGMENTER_FILE = "segmenter.json"
 FOREST_FILE = "forest.safetensors"
+CONTEXT_FILE = "context_forest.safetensors"
 ENCODER_FILE = "encoder.safetensors"
 FORMAT_VERSION = 2
 # Deep levels down to stride 16: on the strokes suite the coarse levels carry the context
 # (where a structure lies) that grey values and filters cannot (benchmarks/strokes/).
 DEEPEST_STRIDE = 16
+# Auto-context on by default: on the strokes suite it gains where a class is a part of an object
+# (nucleus boundary vs interior) and the cross-validation turns it off where it does not pay.
+DEFAULT_CONTEXT = ContextSpec()
 
 
 def default_spec(encoder: nn.Module) -> FeatureSpec:
@@ -78,6 +83,9 @@ class Segmenter:
             for the default spec with other encoder levels.
         preset: intensity normalisation (:data:`napari_crossd.engine.normalize.PRESETS`).
         classifier: the classifier (default: a :class:`~.classifier.ForestClassifier`).
+        context: auto-context (:mod:`.context`): a second forest of the same settings that also
+            reads the first one's smoothed class maps, kept where it wins the cross-validation
+            over painted planes (:func:`finetune_pairs_job`); None: the first forest alone.
     """
 
     def __init__(
@@ -89,6 +97,7 @@ class Segmenter:
         levels: Sequence[int] | None = None,
         preset: str = "auto",
         classifier: ForestClassifier | None = None,
+        context: ContextSpec | None = DEFAULT_CONTEXT,
     ) -> None:
         require_3d(encoder)
         if preset not in PRESETS:
@@ -106,6 +115,9 @@ class Segmenter:
         self.spec = spec or default_spec(encoder)
         check_levels(encoder, self.spec.levels or [0])
         self.classifier = classifier or ForestClassifier(len(names))
+        self.context = context
+        # Stage 2 (trained only when the strokes lie in two groups or more: see cross_fitted_context_job).
+        self.context_classifier: ForestClassifier | None = None
         self.trained_voxels = 0
 
     @property
@@ -116,13 +128,24 @@ class Segmenter:
     def trained(self) -> bool:
         return self.classifier.fitted
 
+    @property
+    def two_stage(self) -> bool:
+        """Whether predictions come from the auto-context forest."""
+        return self.context is not None and self.context_classifier is not None
+
+    @property
+    def halo(self) -> int:
+        """Voxels of context a block needs around it (features, and the class maps of auto-context)."""
+        return max(self.spec.halo(self.encoder), self.context.halo if self.context else 0)
+
     def describe(self) -> str:
         """What each voxel's feature vector holds, e.g. for a status line."""
         strides = [self.encoder.feature_info[level]["reduction"] for level in self.spec.levels]
         sigmas = ", ".join(f"{s:g}" for s in self.spec.sigmas)
         filters = f"filters at sigma {sigmas}" if sigmas else "no filters"
         deep = f"encoder strides {', '.join(map(str, strides))}" if strides else "no encoder levels"
-        return f"{self.spec.channels(self.encoder)} features (grey value, {filters}, {deep})"
+        stages = f", auto-context at sigma {', '.join(f'{s:g}' for s in self.context.sigmas)}" if self.two_stage else ""
+        return f"{self.spec.channels(self.encoder)} features (grey value, {filters}, {deep}){stages}"
 
     def features(self, volume, *, cached: VolumeFeatures | None = None, spacing=None, resample=None, **kwargs):
         """A :class:`~.voxel_features.VolumeFeatures` of ``volume`` for this segmenter, to pass
@@ -147,6 +170,7 @@ class Segmenter:
             "features": self.spec.to_dict(),
             "preset": self.preset,
             "classifier": self.classifier.config(),
+            "context": None if self.context is None else self.context.to_dict(),
             "trained_voxels": self.trained_voxels,
             "encoder": self.encoder.crossd_meta.to_dict(),
         }
@@ -203,7 +227,9 @@ def finetune_pairs_job(
             (:func:`.encoder_tuning.tune_encoder_job`, ``steps`` and ``crop``; one pair
             only): a new encoder, so every feature is computed again.
         select: on the first training, choose how many encoder levels the features keep
-            (:func:`choose_levels`); later trainings keep the choice.
+            (:func:`choose_levels`) and whether auto-context is used (the segmenter's
+            ``context``: kept if it raises the held-out macro F1 by 0.02, as a level must);
+            later trainings keep both choices.
         device: where the encoder runs.
         seed: seeds the subsample, the forest and the encoder fine-tuning.
 
@@ -211,10 +237,11 @@ def finetune_pairs_job(
         :class:`Progress` with a ``phase``: ``"encoder"`` (with ``loss``), ``"features"``, ``"fit"``.
 
     Returns:
-        ``{"voxels", "per_volume", "classes", "channels", "blocks", "encoder", "levels"}``:
+        ``{"voxels", "per_volume", "classes", "channels", "blocks", "encoder", "levels", "context"}``:
         voxels trained on (in all and per pair), the classes painted, the feature length,
-        the volumes' blocks, the encoder fine-tuning's summary (``full``) or None, and the
-        level choice (:func:`choose_levels`) or None.
+        the volumes' blocks, the encoder fine-tuning's summary (``full``) or None, the level
+        choice (:func:`choose_levels`) or None, and auto-context: ``{"used", "scores"}``
+        (macro F1 on held-out painted planes without and with it, when chosen on this training).
     """
     names = list(names) if names is not None else [f"volume {i + 1}/{len(pairs)}" for i in range(len(pairs))]
     annotations = _annotations_of(pairs, names, segmenter.num_classes, max_points, seed)
@@ -233,21 +260,21 @@ def finetune_pairs_job(
             segmenter.encoder, pairs[0][0], annotations[0], segmenter.preset, steps=steps, crop=crop, device=device,
             seed=seed, spacing=spacings[0], **settings,
         )
-    columns, blocks = [], 0
+    columns, sources = [], []
     try:
         for index, (pair, cache, spacing) in enumerate(zip(pairs, caches, spacings, strict=True)):
             source = segmenter.features(pair[0], cached=cache, spacing=spacing, **settings)
             columns.append((yield from named_job(source.columns_job(annotations[index].coords, device), names[index])))
-            blocks += len(source.boxes)
+            sources.append(source)
             if index < len(pairs) - 1:
                 source.block = None  # one volume's block in memory at a time; the last stays for predicting
+        summary = yield from _fit_job(segmenter, np.concatenate(columns), annotations, sources, select, device, seed)
     except BaseException:  # cancelled or failed: the segmenter stays as it was
         segmenter.encoder = previous
         raise
     finally:
         release_memory(device)
-    summary = yield from _fit_job(segmenter, np.concatenate(columns), annotations, select, seed)
-    return {**summary, "blocks": blocks, "encoder": tuning}
+    return {**summary, "blocks": sum(len(source.boxes) for source in sources), "encoder": tuning}
 
 
 def _per_pair(spacing, count: int) -> list:
@@ -268,20 +295,37 @@ def _annotations_of(pairs, names, num_classes: int, max_points: int, seed: int) 
     return [a.subsample(max(1, max_points * len(a) // total), seed) for a in annotations]
 
 
-def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annotations], select: bool, seed: int):
-    """Fit the classifier on the painted voxels' ``columns`` of every volume (in order)."""
+def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annotations],
+             sources: list[VolumeFeatures], select: bool, device: torch.device, seed: int):
+    """Fit the forests on the painted voxels' ``columns`` of every volume (in order); the
+    segmenter changes only at the end, so a cancelled fit leaves it as it was."""
     classes = np.concatenate([a.classes for a in annotations])
+    volumes = np.concatenate([np.full(len(a), i) for i, a in enumerate(annotations)])
     # Held-out groups of one volume never mix with another's.
-    groups = np.unique(np.concatenate([np.stack([np.full(len(a), i), a.groups()], 1)
-                                       for i, a in enumerate(annotations)]), axis=0, return_inverse=True)[1].ravel()
-    choice = None
+    groups = np.unique(np.stack([volumes, np.concatenate([a.groups() for a in annotations])], 1), axis=0,
+                       return_inverse=True)[1].ravel()
+    spec, choice = segmenter.spec, None
     if select and not segmenter.trained:
         yield Progress(0, 1, "choosing the encoder levels by cross-validation over painted planes", phase="fit")
-        segmenter.spec, choice = choose_levels(columns, classes, groups, segmenter.spec, segmenter.encoder, seed)
-    columns = columns[:, : segmenter.spec.channels(segmenter.encoder)]
+        spec, choice = choose_levels(columns, classes, groups, spec, segmenter.encoder, seed)
+    columns = columns[:, : spec.channels(segmenter.encoder)]
     yield Progress(0, 1, f"fitting the forest on {len(classes):,} painted voxels", phase="fit")
-    segmenter.classifier.seed = seed
-    segmenter.classifier.fit(columns, classes)
+    forest = segmenter.classifier.unfitted(seed).fit(columns, classes)
+    second, gate = None, None
+    # Later trainings keep the first one's choice, as they keep its levels.
+    wanted = segmenter.context is not None and (segmenter.two_stage or not segmenter.trained or not select)
+    if wanted:
+        context = yield from named_job(cross_fitted_context_job(
+            forest, columns, classes, groups, volumes, np.concatenate([a.coords for a in annotations]), sources,
+            spec, segmenter.context, device, seed), "auto-context")
+        if context is not None and select and not segmenter.trained:
+            scores = context_scores(forest, columns, context, classes, groups, _CV_TREES, seed)
+            gate = {"used": scores[1] > scores[0] + _CV_MARGIN, "scores": list(scores)}
+            context = context if gate["used"] else None
+        if context is not None:
+            yield Progress(0, 1, "fitting the auto-context forest", phase="fit")
+            second = forest.unfitted(seed).fit(np.concatenate([columns, context], 1), classes)
+    segmenter.spec, segmenter.classifier, segmenter.context_classifier = spec, forest, second
     segmenter.trained_voxels = len(classes)
     yield Progress(1, 1, f"trained on {len(classes):,} voxels, {columns.shape[1]} features", phase="fit")
     return {
@@ -290,6 +334,7 @@ def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annota
         "classes": [int(c) for c in np.unique(classes)],
         "channels": int(columns.shape[1]),
         "levels": choice,
+        "context": {"used": second is not None, "scores": gate["scores"] if gate else None},
     }
 
 
@@ -372,20 +417,29 @@ def _classify(classifier: ForestClassifier, features: torch.Tensor) -> np.ndarra
 
 def classify_job(segmenter: Segmenter, source: VolumeFeatures, device, out, probabilities: bool):
     """Labels (into ``out``, or a new array) and, if asked, probabilities of the voxels in
-    ``source``'s blocks, chunk by chunk (:meth:`~.voxel_features.VolumeFeatures.chunks_job`)."""
+    ``source``'s blocks, chunk by chunk (:meth:`~.voxel_features.VolumeFeatures.chunks_job`).
+    With auto-context, stage 1's class maps of the whole volume come first (:mod:`.context`)."""
     shape = source.shape
     labels = np.empty(shape, dtype=labels_dtype(segmenter.num_classes)) if out is None else out
     if tuple(labels.shape) != shape:
         raise ValueError(f"out has shape {tuple(labels.shape)}; expected the volume's {shape}.")
     probs = np.empty((segmenter.num_classes, *shape), dtype=np.float16) if probabilities else None
+    classifier, maps = segmenter.classifier, None
     try:
+        if segmenter.two_stage:
+            classifier = segmenter.context_classifier
+            maps, _ = yield from class_maps_job(segmenter.classifier, source, segmenter.spec, segmenter.context, device)
         # ``source`` may hold more encoder levels than the segmenter chose: only its own are assembled.
         for report, payload in source.chunks_job(device, segmenter.spec):
             yield report
             if payload is None:
                 continue
-            box, p = payload[0], _classify(segmenter.classifier, payload[1])
+            box, features = payload
             del payload  # the chunk must not stay alive while the generator computes the next block
+            if maps is not None:
+                features = torch.cat([features, torch.from_numpy(context_of_box(maps, box, segmenter.context))])
+            p = _classify(classifier, features)
+            del features
             labels[box] = p.argmax(0) + 1
             if probs is not None:
                 probs[(slice(None), *box)] = p
@@ -443,8 +497,8 @@ def _lazy_segmentation(segmenter: Segmenter, volume: da.Array, settings: dict, d
         source = segmenter.features(block, stats=stats, **settings)
         return run_job(classify_job(segmenter, source, device, None, True))[1]
 
-    halo = segmenter.spec.halo(segmenter.encoder)
-    probabilities = lazy_blocks(volume, segmenter.num_classes, block_probabilities, dtype=np.float16, halo=halo)
+    probabilities = lazy_blocks(volume, segmenter.num_classes, block_probabilities, dtype=np.float16,
+                                halo=segmenter.halo)
     labels = (probabilities.argmax(0) + 1).astype(labels_dtype(segmenter.num_classes))
     return labels, probabilities
 
@@ -469,6 +523,8 @@ def save_segmenter(segmenter: Segmenter, directory: str | Path) -> list[Path]:
     with atomic_directory(directory) as staging:
         save_model(segmenter.encoder, staging / ENCODER_FILE)
         safetensors.numpy.save_file(segmenter.classifier.state(), staging / FOREST_FILE)
+        if segmenter.two_stage:
+            safetensors.numpy.save_file(segmenter.context_classifier.state(), staging / CONTEXT_FILE)
         (staging / SEGMENTER_FILE).write_text(json.dumps(segmenter.config(), indent=2) + "\n")
     return sorted(directory.iterdir())
 
@@ -504,8 +560,11 @@ def load_segmenter(directory: str | Path) -> Segmenter:
     forest = ForestClassifier.from_state(
         len(classes), config["classifier"], safetensors.numpy.load_file(directory / FOREST_FILE)
     )
-    segmenter = Segmenter(
-        encoder, classes, spec=FeatureSpec.from_dict(config["features"]), preset=config["preset"], classifier=forest
-    )
+    context = ContextSpec.from_dict(config["context"]) if config.get("context") else None  # older: no context
+    segmenter = Segmenter(encoder, classes, spec=FeatureSpec.from_dict(config["features"]), preset=config["preset"],
+                          classifier=forest, context=context)
+    if context is not None and (directory / CONTEXT_FILE).is_file():
+        segmenter.context_classifier = ForestClassifier.from_state(
+            len(classes), config["classifier"], safetensors.numpy.load_file(directory / CONTEXT_FILE))
     segmenter.trained_voxels = int(config.get("trained_voxels", 0))
     return segmenter

@@ -296,15 +296,8 @@ class VolumeFeatures:
         if not self.serves(self.volume, self.encoder, spec, self.spacing, self.resample):
             raise ValueError(f"These features hold {self.spec}; {spec} is not a part of them.")
         per_voxel = spec.channels(self.encoder)
-        order = sorted(range(len(self.boxes)), key=lambda i: (self.block is None or self.block[0] != i, i))
-        for count, index in enumerate(order):
-            job = self.block_job(index, device)
-            while True:
-                try:
-                    yield next(job), None
-                except StopIteration as stop:
-                    pyramid = stop.value
-                    break
+        for count, index in enumerate(self._order()):
+            pyramid = yield from _paired(self.block_job(index, device))
             box = self.boxes[index]
             local = [slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, self._grown(box), strict=True)]
             per_plane = per_voxel * (box[1].stop - box[1].start) * (box[2].stop - box[2].start)
@@ -314,7 +307,53 @@ class VolumeFeatures:
                 features = pyramid.box((planes, local[1], local[2]), intensity=True, depth=len(spec.levels),
                                        filters=bool(spec.sigmas))
                 shift = box[0].start - local[0].start
-                report = Progress(count, len(order), f"classifying block {count + 1}/{len(order)}", phase="predict")
+                report = Progress(count, len(self.boxes), f"classifying block {count + 1}/{len(self.boxes)}",
+                                  phase="predict")
                 yield report, ((slice(planes.start + shift, planes.stop + shift), box[1], box[2]), features)
             # Nothing of this block may stay alive while the next one is computed.
             del pyramid, features
+
+    def grid_chunks_job(self, device: torch.device, spec: FeatureSpec, stride: int, region=None) -> Iterator:
+        """:meth:`chunks_job` on the *grid* of every ``stride``-th voxel of each axis (voxel
+        ``i * stride``, grid index ``i``) inside ``region`` (a box of the volume; default: all
+        of it): ``(Progress, (grid box, features (C, gz, gy, gx)))`` for chunks of grid planes.
+
+        Blocks that tile the volume give their own grid points; a block given as ``boxes=``
+        without its surroundings (a cluster worker's) gives those of its grown box as well.
+        """
+        region = region or tuple(slice(0, n) for n in self.shape)
+        tiled = sum(math.prod(s.stop - s.start for s in box) for box in self.boxes) == math.prod(self.shape)
+        for count, index in enumerate(self._order()):
+            box = self.boxes[index] if tiled else self._grown(self.boxes[index])
+            part = [slice(-(-max(r.start, b.start) // stride), -(-min(r.stop, b.stop) // stride))
+                    for r, b in zip(region, box, strict=True)]
+            if any(g.start >= g.stop for g in part):
+                continue
+            pyramid = yield from _paired(self.block_job(index, device))
+            offset = [g.start for g in self._grown(self.boxes[index])]
+            axes = [torch.arange(g.start, g.stop) * stride - o for g, o in zip(part, offset, strict=True)]
+            per_plane = spec.channels(self.encoder) * len(axes[1]) * len(axes[2])
+            thickness = max(1, _CHUNK_VALUES // per_plane)
+            report = Progress(count, len(self.boxes), f"class maps of block {count + 1}/{len(self.boxes)}",
+                              phase="predict")
+            for start in range(0, len(axes[0]), thickness):
+                planes = slice(start, min(start + thickness, len(axes[0])))
+                features = pyramid.sample_grid((axes[0][planes], axes[1], axes[2]), intensity=True,
+                                               depth=len(spec.levels), filters=bool(spec.sigmas))
+                grid_box = (slice(part[0].start + planes.start, part[0].start + planes.stop), part[1], part[2])
+                yield report, (grid_box, features)
+            del pyramid, features
+
+    def _order(self) -> list[int]:
+        """Block indices, the cached block first: a volume of one block is never encoded twice."""
+        return sorted(range(len(self.boxes)), key=lambda i: (self.block is None or self.block[0] != i, i))
+
+
+def _paired(job: Job):
+    """``job``'s reports as ``(Progress, None)`` pairs; returns what ``job`` returns."""
+    while True:
+        try:
+            report = next(job)
+        except StopIteration as stop:
+            return stop.value
+        yield report, None
