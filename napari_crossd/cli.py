@@ -229,7 +229,8 @@ def _finetune(args: argparse.Namespace) -> None:
         names = args.classes or [f"class {i}" for i in range(1, num_classes + 1)]
         if len(names) != num_classes:
             raise ValueError(f"{len(names)} class names for labels 1..{num_classes}.")
-        segmenter = Segmenter(_encoder(args), names, preset=args.preset)
+        context = {"context": None} if args.no_context else {}  # else the engine's default
+        segmenter = Segmenter(_encoder(args), names, preset=args.preset, **context)
     job = finetune_pairs_job(
         segmenter, [(v.data, a) for v, a in zip(volumes, strokes, strict=True)], names=[i.name for i, _ in files],
         spacing=[v.spacing for v in volumes], full=args.full, steps=args.steps, tile=args.tile, overlap=args.overlap,
@@ -369,6 +370,9 @@ def _add_finetune(commands) -> None:
                           help="first fine-tune the encoder on crops around the strokes (slower; for images "
                                "unlike anything the weights were trained on; one image)")
     finetune.add_argument("--steps", type=int, default=150, help="encoder fine-tuning steps with --full (default 150)")
+    finetune.add_argument("--no-context", action="store_true",
+                          help="no auto-context: one forest on the voxel features (by default a second forest also "
+                               "reads the first one's smoothed class maps where cross-validation says it pays)")
     finetune.add_argument("--classes", nargs="+", metavar="NAME", help="class names, label 1 first")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--out", type=Path, required=True, help="output model directory")

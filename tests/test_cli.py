@@ -113,6 +113,15 @@ def test_features_finetune_segment_on_nifti_keep_the_grid(mni_crop_files, tmp_pa
     assert f"retraining {model_dir} ({int((strokes > 0).sum()):,} voxels last time)" in out
     assert f"trained on {int((strokes > 0).sum()):,} painted voxels of classes [1, 2, 3, 4]" in out
 
+    # --no-context: one forest; the default keeps auto-context in its settings (used where it pays)
+    import json
+
+    assert main(["finetune", str(mni_crop_files["t1"]), str(strokes_path), "--model", "default", "--no-context",
+                 "--device", "cpu", "--out", str(tmp_path / "model3")]) == 0
+    assert json.loads((tmp_path / "model3" / "segmenter.json").read_text())["context"] is None
+    assert json.loads((model_dir / "segmenter.json").read_text())["context"] == {"sigmas": [1.0, 2.0, 4.0],
+                                                                                 "stride": 2}
+
 
 def test_volume_commands_report_bad_input(mni_crop_files, tmp_path, capsys):
     t1 = str(mni_crop_files["t1"])

@@ -154,6 +154,7 @@ def test_workflow_features_finetune_predict_save_reload(
     assert tune.phase == "fit" and tune.losses == [] and tune.loss_plot.values == []
     assert tune.status.value.startswith(f"trained on {int((painted > 0).sum()):,} painted voxels, classes [1, 2, 3, 4]")
     segmenter = session.segmenter
+    assert ("with auto-context" in tune.status.value) == segmenter.two_stage
     assert segmenter is not None and segmenter.class_names[2] == "grey matter"
     features = session.features[id(image.data)]
     assert features.block is not None  # kept for Predict and retraining

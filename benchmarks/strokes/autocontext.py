@@ -6,15 +6,22 @@
 ilastik's auto-context: stage 1 is a forest on the voxel features; stage 2 is a forest on the
 same features plus stage 1's class probabilities, Gaussian-smoothed at a few scales, so that
 it can learn where a class lies relative to the others (a nucleus' boundary surrounds its
-interior; deep grey matter is wrapped in white matter). Three arms on run.py's strokes and
+interior; deep grey matter is wrapped in white matter). Arms on run.py's strokes and
 the engine's features, side by side:
 
-- ``engine``: arm (c), the segmenter exactly as the widget trains it (stage 1 only);
+- ``engine``: the segmenter as the widget trains it without auto-context (stage 1 only);
 - ``auto-context``: stage 2 trained on stage 1's maps at the painted voxels, which stage 1
   was trained on, so they are nearly always right there;
 - ``cross-fitted``: at the voxels of each painted plane, the maps come from a forest trained
   on the other planes' strokes (predicted in a slab of 3 sigma around the plane), so stage 2
   learns how far to trust maps on slices it has not seen. Prediction reads stage 1's maps.
+- ``coarse``: cross-fitted, with stage 1's maps computed on every 2nd voxel of each axis,
+  smoothed there and trilinearly upsampled: what the engine does (:mod:`napari_crossd.engine.context`);
+- ``distance``: cross-fitted, but stage 2 reads each class's signed distance (clipped at 32
+  of the finest voxel size) from stage 1's labels on that grid instead of smoothed maps;
+- ``both``: smoothed maps and distances.
+
+``--max-features`` sets every forest's ``max_features``; ``--arms`` picks arms (``engine`` always runs).
 
 Dice as in run.py (mean over classes; near / far / all unpainted slices), first round only.
 The whole volume's features are held in memory (about 200^3 voxels x 31-71 channels): a
@@ -164,7 +171,8 @@ def second_stage(features, context, train_context, coords, classes, seed: int) -
 def run_seed(sample, seed: int, sigmas, arms) -> dict[str, dict]:
     truth, names = sample.labels, sample.class_names
     strokes = paint_strokes(truth, seed=seed, **STROKES)
-    segmenter = Segmenter(prepare_model("default"), names, classifier=ForestClassifier(len(names), **FOREST))
+    segmenter = Segmenter(prepare_model("default"), names, classifier=ForestClassifier(len(names), **FOREST),
+                          context=None)  # stage 1: the arms below add their own second stage
     cache = segmenter.features(sample.image, spacing=sample.spacing)
     finetune(segmenter, sample.image, strokes, spacing=sample.spacing, features=cache)
     features = volume_features(segmenter, cache, sample.image.shape)

@@ -52,7 +52,8 @@ class TaskFeatures:
     def __init__(self, task: str, seeds) -> None:
         sample = TASKS[task].load()
         truth = sample.labels
-        self.segmenter = Segmenter(prepare_model("default"), sample.class_names)
+        # The first forest's features and levels; the levers replace the classifier (no auto-context).
+        self.segmenter = Segmenter(prepare_model("default"), sample.class_names, context=None)
         self.spec = self.segmenter.spec
         self.names = self.spec.names(self.segmenter.encoder)
         cache = self.segmenter.features(sample.image, spacing=sample.spacing)

@@ -185,8 +185,9 @@ class FinetuneWidget(Container):
             self.events.segmenter_changed.emit(segmenter)
             tuned = f"; encoder fine-tuned {result['encoder']['steps']} steps" if result["encoder"] else ""
             where = f" in {len(pairs)} images ({', '.join(names)})" if len(pairs) > 1 else ""
+            context = ", with auto-context" if result["context"]["used"] else ""
             self.status.value = (f"trained on {result['voxels']:,} painted voxels{where}, classes {result['classes']}, "
-                                 f"{result['channels']} features{tuned}")
+                                 f"{result['channels']} features{context}{tuned}")
 
         def make():
             return finetune_pairs_job(segmenter, list(zip(volumes, annotations, strict=True)), features=features,

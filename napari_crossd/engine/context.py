@@ -14,6 +14,11 @@ Convention:
     voxels are nearly always right, and a second forest trained on those learns to copy
     them; cross-fitted, it learns how far to trust them where it has seen no strokes
     (benchmarks/strokes/results/autocontext.md).
+
+Prediction is two passes over the blocks: stage 1 on the grid of the whole volume, kept as
+float16 (2 N bytes per stride^3 voxels: for 4 classes at stride 2, as much as the volume in
+uint8), then stage 2 block by block, each smoothing only the grid around its chunk. A volume
+of one block computes its features once; one of many blocks computes each block twice.
 """
 
 from __future__ import annotations
