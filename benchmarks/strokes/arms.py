@@ -213,36 +213,37 @@ class SliceForest:
 
 
 def make_arm(name: str, class_names, seed: int):
-    """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-full``,
-    ``default-features-0.3`` (the forest tries 30% of the channels per split),
-    ``default-unweighted`` (the forest without class weights), ``default-no-levels`` (the
-    filter bank alone: no encoder level), ``default-no-context`` (the first forest alone: no
-    auto-context), or
-    ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
+    """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-no-context``
+    (the first forest alone: no auto-context), ``context-features-0.3`` and
+    ``context-no-levels`` (the default with the forest trying 30% of the channels per split,
+    or with the filter bank alone); or, recorded before auto-context and run without it:
+    ``default-full``, ``default-features-0.3``, ``default-unweighted`` (the forest without
+    class weights), ``default-no-levels`` and ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
     if name == "filters-forest":
         return FilterForest(class_names, seed)
     if name == "slices-forest":
         return SliceForest(class_names, seed)
-    if name == "default":
-        return Ours(class_names, seed)
-    if name == "default-full":
-        return Ours(class_names, seed, full=True)
-    if name == "default-features-0.3":
-        return Ours(class_names, seed, forest={"max_features": 0.3})
-    if name == "default-unweighted":
-        return Ours(class_names, seed, forest={"class_weight": None})
-    if name == "default-no-levels":
-        return Ours(class_names, seed, levels=())
-    if name == "default-no-context":
-        return Ours(class_names, seed, context=False)
+    ours = {
+        "default": {},
+        "default-no-context": {"context": False},
+        "context-features-0.3": {"forest": {"max_features": 0.3}},
+        "context-no-levels": {"levels": ()},
+        "default-full": {"full": True, "context": False},
+        "default-features-0.3": {"forest": {"max_features": 0.3}, "context": False},
+        "default-unweighted": {"forest": {"class_weight": None}, "context": False},
+        "default-no-levels": {"levels": (), "context": False},
+    }
+    if name in ours:
+        return Ours(class_names, seed, **ours[name])
     weights, _, strategy = name.partition("-")
     if weights in WEIGHTS and strategy in STRATEGIES:
-        return Ours(class_names, seed, weights=weights, strategy=strategy)
+        return Ours(class_names, seed, weights=weights, strategy=strategy, context=False)
     raise ValueError(f"unknown arm {name!r}")
 
 
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-FOREST_ARMS = ("default-no-context", "default-features-0.3", "default-unweighted", "default-no-levels")
+FOREST_ARMS = ("default-no-context", "context-features-0.3", "context-no-levels", "default-features-0.3",
+               "default-unweighted", "default-no-levels")
 ALL_ARMS = (*DEFAULT_ARMS, "default-full", *FOREST_ARMS, *STRATEGY_ARMS)

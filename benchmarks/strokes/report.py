@@ -14,10 +14,12 @@ NAMES = {
     "slices-forest": "(b) 2D ImageNet MobileNetV2 per slice + forest (Convpaint)",
     "default": "(c) ours, default (widget)",
     "default-no-context": "ours, default without auto-context (the (c) before 2026-12-02)",
-    "default-full": "ours, default, full fine-tuning",
-    "default-features-0.3": "ours, default, forest max_features 0.3",
-    "default-unweighted": "ours, default, forest without class weights",
-    "default-no-levels": "ours, default, filter bank only (no encoder level)",
+    "context-features-0.3": "ours, default, forest max_features 0.3",
+    "context-no-levels": "ours, default, filter bank only (no encoder level)",
+    "default-full": "ours, no auto-context, full fine-tuning",
+    "default-features-0.3": "ours, no auto-context, forest max_features 0.3",
+    "default-unweighted": "ours, no auto-context, forest without class weights",
+    "default-no-levels": "ours, no auto-context, filter bank only (no encoder level)",
 }
 SETS = ("near", "far", "all")
 
@@ -49,7 +51,7 @@ def _order(arm: str) -> tuple:
 
 
 def _name(arm: str) -> str:
-    return NAMES.get(arm, f"(d) ours, {arm.replace('-', ' weights, ', 1)}")
+    return NAMES.get(arm, f"(d) ours, {arm.replace('-', ' weights, ', 1)} (no auto-context)")
 
 
 def load(raw: Path) -> dict:
