@@ -245,6 +245,7 @@ def run_pipeline(
         "features": list(features.shape),
         "painted_voxels": int((strokes > 0).sum()),
         "finetune": {k: v for k, v in (history or {}).items() if isinstance(v, (int, float, str, list, bool))},
+        "segmenter": segmenter.describe(),  # the features, and whether auto-context was kept
         "dice": dice,
         "mean_dice": round(float(np.mean(list(dice.values()))), 4),
         "screenshot": kind,

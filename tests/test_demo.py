@@ -26,6 +26,7 @@ def test_headless_demo_writes_outputs_without_a_display(tmp_path, mni_t1, mobile
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shape"] == [32, 64, 64] and summary["finetune"]["voxels"] == summary["painted_voxels"]
+    assert summary["segmenter"].startswith(f"{summary['finetune']['channels']} features (grey value, filters")
     assert summary["screenshot"].startswith("composed with numpy (no display)")
     assert {"features.npy", "features_pca.npy", "segmentation.nii.gz", "strokes.nii.gz", "screenshot.png",
             "segmenter", "summary.json"} <= set(summary["outputs"])

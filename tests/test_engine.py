@@ -330,6 +330,11 @@ def test_segmenter_round_trip_and_old_format(trained, brain, tmp_path):
     config_path.write_text(json.dumps({**config, "classifier": {k: v for k, v in config["classifier"].items()
                                                                 if k != "class_weight"}}))
     assert load_segmenter(tmp_path / "model").classifier.class_weight == "balanced_subsample"
+    # Saved before max_features was: trained with sqrt(channels) per split, and retrained so.
+    config_path.write_text(json.dumps({**config, "classifier": {k: v for k, v in config["classifier"].items()
+                                                                if k != "max_features"}}))
+    assert load_segmenter(tmp_path / "model").classifier.max_features == "sqrt"
+    assert segmenter.classifier.max_features == 0.3  # today's default
     # What version 1 (an MLP head on hypercolumns) wrote is refused with how to retrain.
     config_path.write_text(json.dumps({**config, "version": 1}))
     with pytest.raises(ValueError, match=r"format version 1.*retrain with `crossd finetune IMAGE STROKES --model"):

@@ -214,9 +214,10 @@ class SliceForest:
 
 def make_arm(name: str, class_names, seed: int):
     """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-no-context``
-    (the first forest alone: no auto-context), ``context-features-0.3`` and
-    ``context-no-levels`` (the default with the forest trying 30% of the channels per split,
-    or with the filter bank alone); or, recorded before auto-context and run without it:
+    (the first forest alone: no auto-context), ``default-sqrt`` and ``context-no-levels``
+    (the default with the forest trying sqrt(channels) per split, the default before
+    2026-12-02 13:10, or with the filter bank alone); or, recorded before auto-context and
+    run without it (and with sqrt(channels) per split unless said):
     ``default-full``, ``default-features-0.3``, ``default-unweighted`` (the forest without
     class weights), ``default-no-levels`` and ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
     if name == "filters-forest":
@@ -225,25 +226,26 @@ def make_arm(name: str, class_names, seed: int):
         return SliceForest(class_names, seed)
     ours = {
         "default": {},
-        "default-no-context": {"context": False},
-        "context-features-0.3": {"forest": {"max_features": 0.3}},
-        "context-no-levels": {"levels": ()},
-        "default-full": {"full": True, "context": False},
+        "default-no-context": {"context": False, "forest": {"max_features": "sqrt"}},
+        "default-sqrt": {"forest": {"max_features": "sqrt"}},
+        "context-no-levels": {"levels": (), "forest": {"max_features": "sqrt"}},
+        "default-full": {"full": True, "context": False, "forest": {"max_features": "sqrt"}},
         "default-features-0.3": {"forest": {"max_features": 0.3}, "context": False},
-        "default-unweighted": {"forest": {"class_weight": None}, "context": False},
-        "default-no-levels": {"levels": (), "context": False},
+        "default-unweighted": {"forest": {"class_weight": None, "max_features": "sqrt"}, "context": False},
+        "default-no-levels": {"levels": (), "context": False, "forest": {"max_features": "sqrt"}},
     }
     if name in ours:
         return Ours(class_names, seed, **ours[name])
     weights, _, strategy = name.partition("-")
     if weights in WEIGHTS and strategy in STRATEGIES:
-        return Ours(class_names, seed, weights=weights, strategy=strategy, context=False)
+        return Ours(class_names, seed, weights=weights, strategy=strategy, context=False,
+                    forest={"max_features": "sqrt"})
     raise ValueError(f"unknown arm {name!r}")
 
 
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-FOREST_ARMS = ("default-no-context", "context-features-0.3", "context-no-levels", "default-features-0.3",
+FOREST_ARMS = ("default-no-context", "default-sqrt", "context-no-levels", "default-features-0.3",
                "default-unweighted", "default-no-levels")
 ALL_ARMS = (*DEFAULT_ARMS, "default-full", *FOREST_ARMS, *STRATEGY_ARMS)

@@ -340,6 +340,8 @@ def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annota
 
 # Cross-validation forests are smaller than the final one: the choice needs a ranking, not the last 0.01.
 _CV_TREES = 16
+# The level choice was measured on the strokes suite with forests of sqrt(channels) per split.
+_CV_MAX_FEATURES = "sqrt"
 _CV_FOLDS = 4
 # A candidate with more encoder levels must beat the best simpler one by this much (macro F1):
 # on the strokes suite, changing only the forests' seed moved candidates' scores by about 0.01
@@ -378,7 +380,7 @@ def choose_levels(
         width = FeatureSpec(spec.levels[:depth], spec.sigmas, spec.sets).channels(encoder)
         fold_scores = []
         for train, held in folds:
-            forest = ForestClassifier(num_classes, trees=_CV_TREES, seed=seed)
+            forest = ForestClassifier(num_classes, trees=_CV_TREES, max_features=_CV_MAX_FEATURES, seed=seed)
             forest.fit(columns[train, :width], classes[train])
             predicted = forest.predict_proba(columns[held, :width]).argmax(1) + 1
             fold_scores.append(f1_score(classes[held], predicted, average="macro"))
