@@ -216,7 +216,8 @@ def make_arm(name: str, class_names, seed: int):
     """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-no-context``
     (the first forest alone: no auto-context), ``default-sqrt`` and ``context-no-levels``
     (the default with the forest trying sqrt(channels) per split, the default before
-    2026-12-02 13:10, or with the filter bank alone); or, recorded before auto-context and
+    2026-12-02 13:10, or that with the filter bank alone), ``default-no-levels-0.3`` (the
+    default with the filter bank alone); or, recorded before auto-context and
     run without it (and with sqrt(channels) per split unless said):
     ``default-full``, ``default-features-0.3``, ``default-unweighted`` (the forest without
     class weights), ``default-no-levels`` and ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
@@ -229,6 +230,7 @@ def make_arm(name: str, class_names, seed: int):
         "default-no-context": {"context": False, "forest": {"max_features": "sqrt"}},
         "default-sqrt": {"forest": {"max_features": "sqrt"}},
         "context-no-levels": {"levels": (), "forest": {"max_features": "sqrt"}},
+        "default-no-levels-0.3": {"levels": ()},
         "default-full": {"full": True, "context": False, "forest": {"max_features": "sqrt"}},
         "default-features-0.3": {"forest": {"max_features": 0.3}, "context": False},
         "default-unweighted": {"forest": {"class_weight": None, "max_features": "sqrt"}, "context": False},
@@ -246,6 +248,6 @@ def make_arm(name: str, class_names, seed: int):
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-FOREST_ARMS = ("default-no-context", "default-sqrt", "context-no-levels", "default-features-0.3",
-               "default-unweighted", "default-no-levels")
+FOREST_ARMS = ("default-no-context", "default-sqrt", "context-no-levels", "default-no-levels-0.3",
+               "default-features-0.3", "default-unweighted", "default-no-levels")
 ALL_ARMS = (*DEFAULT_ARMS, "default-full", *FOREST_ARMS, *STRATEGY_ARMS)

@@ -16,6 +16,7 @@ NAMES = {
     "default-no-context": "ours, no auto-context, sqrt(channels) per split (the (c) before 2026-12-02)",
     "default-sqrt": "ours, default with sqrt(channels) per split (the (c) of 2026-12-02 12:40)",
     "context-no-levels": "ours, auto-context, sqrt(channels) per split, filter bank only (no encoder level)",
+    "default-no-levels-0.3": "ours, default, filter bank only (no encoder level)",
     "default-full": "ours, no auto-context, full fine-tuning",
     "default-features-0.3": "ours, no auto-context, forest max_features 0.3",
     "default-unweighted": "ours, no auto-context, forest without class weights",
