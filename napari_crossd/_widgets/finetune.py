@@ -27,8 +27,10 @@ class FinetuneWidget(Container):
     """Train on a Labels layer of strokes (0 = not annotated, 1..N classes).
 
     Train fits a random forest on the painted voxels' features (filter bank and encoder
-    levels, computed once per image and kept in the session); after more strokes, Train
-    again refits on all of them in a second or two. With "train on every open image's
+    levels, computed once per image and kept in the session) and, where cross-validation over
+    the painted planes says it pays, a second forest that also reads the first one's smoothed
+    class maps (auto-context; the status line says so); after more strokes, Train again
+    refits on all of them in a second or two. With "train on every open image's
     strokes", the strokes layers of the other images (made with "New strokes layer") train
     the same model. "Also fine-tune the encoder" first adapts the encoder itself on crops
     around the strokes (its loss is plotted): for images unlike anything the weights have
