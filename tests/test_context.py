@@ -96,12 +96,20 @@ def test_block_maps_equal_the_whole_volumes(trained):
     points = np.stack(np.meshgrid(*(np.arange(b.start, b.stop) for b in box), indexing="ij"))
     whole = context_of_points(maps, origin, points, segmenter.context)
     assert whole.shape == (9, 5, 41, 59)
-    np.testing.assert_allclose(context_of_box(maps, box, segmenter.context), whole, atol=1e-5)
+    np.testing.assert_allclose(context_of_box(maps, origin, box, segmenter.context), whole, atol=1e-5)
     # A region's maps are the whole volume's there (the same grid points).
     region = (slice(7, 20), slice(33, 90), slice(0, 41))
     part, start = run_job(class_maps_job(segmenter.classifier, features, FILTERS, segmenter.context, CPU, region))
     assert start == (4, 17, 0)
     np.testing.assert_array_equal(part, maps[:, 4:10, 17:45, 0:21])
+    # ... and a box's context from a region's maps is the whole volume's where the region holds
+    # the maps' reach (ContextSpec.halo) around the box, as a block's region does.
+    inner = (slice(20, 24), slice(50, 90), slice(30, 40))
+    region = tuple(slice(max(0, b.start - segmenter.context.halo), b.stop + segmenter.context.halo) for b in inner)
+    part, start = run_job(class_maps_job(segmenter.classifier, features, FILTERS, segmenter.context, CPU, region))
+    inside = np.stack(np.meshgrid(*(np.arange(b.start, b.stop) for b in inner), indexing="ij"))
+    np.testing.assert_allclose(context_of_box(part, start, inner, segmenter.context),
+                               context_of_points(maps, origin, inside, segmenter.context), atol=1e-5)
 
 
 def test_maps_in_blocks_equal_one_block(trained, parts):

@@ -382,11 +382,11 @@ def test_segmentation_reads_the_volume_block_by_block(imagenet_3d, brain, stroke
     assert len(blocks.boxes) >= 4
     labels, _ = segment(segmenter, volume, features=blocks, device="cpu", probabilities=False)
     # The first read is the normalisation's regular subsample (at most 2^24 voxels: all of this
-    # small crop); every other read is one block with its halo. Auto-context (always on without
-    # select) reads each block twice, stage 1's class maps first, but for the block still cached.
+    # small crop); every other read is one block with its halo, once, also with auto-context
+    # (always on without select): a block's stage-1 maps come from its own features.
     statistics, *block_reads = volume.reads
     assert segmenter.two_stage
-    assert statistics == image.size and len(block_reads) == 2 * len(blocks.boxes) - 1
+    assert statistics == image.size and len(block_reads) == len(blocks.boxes)
     assert max(block_reads) <= budget / spec.bytes_per_voxel(imagenet_3d) < image.size
     # Blocks instead of one: the same filters; the encoder levels differ near block edges.
     assert (labels == expected).mean() > 0.97

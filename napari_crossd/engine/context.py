@@ -15,10 +15,10 @@ Convention:
     them; cross-fitted, it learns how far to trust them where it has seen no strokes
     (benchmarks/strokes/results/autocontext.md).
 
-Prediction is two passes over the blocks: stage 1 on the grid of the whole volume, kept as
-float16 (2 N bytes per stride^3 voxels: for 4 classes at stride 2, as much as the volume in
-uint8), then stage 2 block by block, each smoothing only the grid around its chunk. A volume
-of one block computes its features once; one of many blocks computes each block twice.
+Prediction takes one pass over the blocks: each block's features give stage 1 on the grid
+of the block grown by the maps' reach (within the features' halo), then stage 2 chunk by
+chunk, each smoothing only the grid around it. Memory grows with the block, and each block
+is computed once; at a block's edge the maps are as approximate as its features there.
 """
 
 from __future__ import annotations
@@ -87,15 +87,16 @@ class ContextSpec:
 
 def class_maps_job(
     classifier: ForestClassifier, source: VolumeFeatures, spec: FeatureSpec, context: ContextSpec,
-    device: torch.device, region: Sequence[slice] | None = None, phase: str = "predict",
+    device: torch.device, region: Sequence[slice] | None = None, phase: str = "predict", block: int | None = None,
 ) -> Job[tuple[np.ndarray, tuple[int, int, int]]]:
     """Stage-1 probabilities ``(N, gz, gy, gx)`` float16 on the context grid inside ``region``
-    (default: the volume), and the grid index of their first point; reports carry ``phase``."""
+    (default: the volume), and the grid index of their first point; reports carry ``phase``.
+    ``block``: from that block's features alone (:meth:`.VolumeFeatures.grid_chunks_job`)."""
     region = tuple(region or (slice(0, n) for n in source.shape))
     first = [-(-r.start // context.stride) for r in region]
     shape = [-(-r.stop // context.stride) - f for r, f in zip(region, first, strict=True)]
     maps = np.zeros((classifier.num_classes, *shape), np.float16)
-    for report, payload in source.grid_chunks_job(device, spec, context.stride, region):
+    for report, payload in source.grid_chunks_job(device, spec, context.stride, region, block):
         yield replace(report, phase=phase)
         if payload is not None:
             grid_box, features = payload
@@ -119,14 +120,15 @@ def context_of_points(maps: np.ndarray, origin: Sequence[int], points: np.ndarra
     return np.stack([ndimage.map_coordinates(m, grid, order=1, mode="nearest") for m in smoothed])
 
 
-def context_of_box(maps: np.ndarray, box: Sequence[slice], context: ContextSpec) -> np.ndarray:
-    """Context channels ``(K, z, y, x)`` of every voxel in ``box`` from the whole volume's stage-1
-    ``maps`` (grid from index 0); only the grid around the box is smoothed."""
-    near = tuple(slice(max(0, b.start // context.stride - context.grid_halo),
-                       min(n, (b.stop - 1) // context.stride + 1 + context.grid_halo))
-                 for b, n in zip(box, maps.shape[1:], strict=True))
+def context_of_box(maps: np.ndarray, origin: Sequence[int], box: Sequence[slice], context: ContextSpec) -> np.ndarray:
+    """Context channels ``(K, z, y, x)`` of every voxel in ``box`` from stage-1 ``maps`` on the
+    grid from index ``origin`` (:func:`class_maps_job`); only the grid around the box is smoothed."""
+    near = tuple(slice(max(0, b.start // context.stride - context.grid_halo - o),
+                       min(n, (b.stop - 1) // context.stride + 1 + context.grid_halo - o))
+                 for b, o, n in zip(box, origin, maps.shape[1:], strict=True))
     points = np.meshgrid(*(np.arange(b.start, b.stop) for b in box), indexing="ij")
-    return context_of_points(maps[(slice(None), *near)], [s.start for s in near], np.stack(points), context)
+    return context_of_points(maps[(slice(None), *near)], [s.start + o for s, o in zip(near, origin, strict=True)],
+                             np.stack(points), context)
 
 
 def cross_fitted_context_job(

@@ -420,35 +420,42 @@ def _classify(classifier: ForestClassifier, features: torch.Tensor) -> np.ndarra
 def classify_job(segmenter: Segmenter, source: VolumeFeatures, device, out, probabilities: bool):
     """Labels (into ``out``, or a new array) and, if asked, probabilities of the voxels in
     ``source``'s blocks, chunk by chunk (:meth:`~.voxel_features.VolumeFeatures.chunks_job`).
-    With auto-context, stage 1's class maps of the whole volume come first (:mod:`.context`)."""
+    With auto-context, each block's stage-1 class maps come first (:mod:`.context`)."""
     shape = source.shape
     labels = np.empty(shape, dtype=labels_dtype(segmenter.num_classes)) if out is None else out
     if tuple(labels.shape) != shape:
         raise ValueError(f"out has shape {tuple(labels.shape)}; expected the volume's {shape}.")
     probs = np.empty((segmenter.num_classes, *shape), dtype=np.float16) if probabilities else None
-    classifier, maps = segmenter.classifier, None
     try:
-        if segmenter.two_stage:
-            classifier = segmenter.context_classifier
-            maps, _ = yield from class_maps_job(segmenter.classifier, source, segmenter.spec, segmenter.context, device)
-        # ``source`` may hold more encoder levels than the segmenter chose: only its own are assembled.
-        for report, payload in source.chunks_job(device, segmenter.spec):
-            yield report
-            if payload is None:
-                continue
-            box, features = payload
-            del payload  # the chunk must not stay alive while the generator computes the next block
-            if maps is not None:
-                features = torch.cat([features, torch.from_numpy(context_of_box(maps, box, segmenter.context))])
-            p = _classify(classifier, features)
-            del features
-            labels[box] = p.argmax(0) + 1
-            if probs is not None:
-                probs[(slice(None), *box)] = p
-            del p
+        for index in source.order():
+            maps = None
+            if segmenter.two_stage:  # the maps' reach around the block, within the features' halo
+                reach = min(segmenter.context.halo, source.halo)
+                region = tuple(slice(max(0, b.start - reach), min(n, b.stop + reach))
+                               for b, n in zip(source.boxes[index], shape, strict=True))
+                maps = yield from class_maps_job(segmenter.classifier, source, segmenter.spec, segmenter.context,
+                                                 device, region, block=index)
+            # ``source`` may hold more encoder levels than the segmenter chose: only its own are assembled.
+            for report, payload in source.chunks_job(device, segmenter.spec, block=index):
+                yield report
+                if payload is not None:
+                    _classify_chunk(segmenter, *payload, maps, labels, probs)
+                del payload  # the chunk must not stay alive while the generator computes the next block
     finally:
         release_memory(device)
     return labels, probs
+
+
+def _classify_chunk(segmenter: Segmenter, box, features: torch.Tensor, maps, labels, probs) -> None:
+    """Write the labels (and probabilities) of one chunk; ``maps``: stage 1's ``(maps, origin)`` or None."""
+    classifier = segmenter.classifier
+    if maps is not None:
+        classifier = segmenter.context_classifier
+        features = torch.cat([features, torch.from_numpy(context_of_box(*maps, box, segmenter.context))])
+    p = _classify(classifier, features)
+    labels[box] = p.argmax(0) + 1
+    if probs is not None:
+        probs[(slice(None), *box)] = p
 
 
 def segment_job(

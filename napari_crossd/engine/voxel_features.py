@@ -284,10 +284,10 @@ class VolumeFeatures:
         out = [pyramid.sample(chunk, intensity=True, filters=filters) for chunk in points.split(1 << 16)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.channels), np.float32)
 
-    def chunks_job(self, device: torch.device, spec: FeatureSpec | None = None) -> Iterator:
+    def chunks_job(self, device: torch.device, spec: FeatureSpec | None = None, block: int | None = None) -> Iterator:
         """Yield ``(Progress, None)`` while computing, then ``(Progress, (box, features))`` for
-        every chunk of planes of every block: ``features`` is ``(C, z, y, x)`` float32 on the
-        source grid's ``box``. The cached block is visited first.
+        every chunk of planes of every block (or of ``block`` only): ``features`` is
+        ``(C, z, y, x)`` float32 on the source grid's ``box``. The cached block is visited first.
 
         ``spec``: the features to assemble, these or fewer encoder levels (what a segmenter
         that chose its levels reads; default: all of these). Levels left out are never upsampled.
@@ -296,7 +296,7 @@ class VolumeFeatures:
         if not self.serves(self.volume, self.encoder, spec, self.spacing, self.resample):
             raise ValueError(f"These features hold {self.spec}; {spec} is not a part of them.")
         per_voxel = spec.channels(self.encoder)
-        for count, index in enumerate(self._order()):
+        for count, index in self._visits(block):
             pyramid = yield from _paired(self.block_job(index, device))
             box = self.boxes[index]
             local = [slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, self._grown(box), strict=True)]
@@ -313,17 +313,20 @@ class VolumeFeatures:
             # Nothing of this block may stay alive while the next one is computed.
             del pyramid, features
 
-    def grid_chunks_job(self, device: torch.device, spec: FeatureSpec, stride: int, region=None) -> Iterator:
+    def grid_chunks_job(self, device: torch.device, spec: FeatureSpec, stride: int, region=None,
+                        block: int | None = None) -> Iterator:
         """:meth:`chunks_job` on the *grid* of every ``stride``-th voxel of each axis (voxel
         ``i * stride``, grid index ``i``) inside ``region`` (a box of the volume; default: all
         of it): ``(Progress, (grid box, features (C, gz, gy, gx)))`` for chunks of grid planes.
 
-        Blocks that tile the volume give their own grid points; a block given as ``boxes=``
-        without its surroundings (a cluster worker's) gives those of its grown box as well.
+        Blocks that tile the volume give their own grid points; ``block`` alone, or a block
+        given as ``boxes=`` without its surroundings (a cluster worker's), gives those of its
+        grown box as well.
         """
         region = region or tuple(slice(0, n) for n in self.shape)
-        tiled = sum(math.prod(s.stop - s.start for s in box) for box in self.boxes) == math.prod(self.shape)
-        for count, index in enumerate(self._order()):
+        tiled = block is None and sum(math.prod(s.stop - s.start for s in box)
+                                      for box in self.boxes) == math.prod(self.shape)
+        for count, index in self._visits(block):
             box = self.boxes[index] if tiled else self._grown(self.boxes[index])
             part = [slice(-(-max(r.start, b.start) // stride), -(-min(r.stop, b.stop) // stride))
                     for r, b in zip(region, box, strict=True)]
@@ -344,9 +347,13 @@ class VolumeFeatures:
                 yield report, (grid_box, features)
             del pyramid, features
 
-    def _order(self) -> list[int]:
+    def order(self) -> list[int]:
         """Block indices, the cached block first: a volume of one block is never encoded twice."""
         return sorted(range(len(self.boxes)), key=lambda i: (self.block is None or self.block[0] != i, i))
+
+    def _visits(self, block: int | None) -> list[tuple[int, int]]:
+        """``(step, block index)`` of every block in :meth:`order`, or ``(block, block)`` alone."""
+        return list(enumerate(self.order())) if block is None else [(block, block)]
 
 
 def _paired(job: Job):
