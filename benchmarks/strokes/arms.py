@@ -35,11 +35,12 @@ class Ours:
 
     def __init__(self, class_names, seed: int, weights: str = "default", strategy: str | None = None,
                  full: bool = False, forest: dict | None = None, levels: tuple | None = None,
-                 context: bool = True) -> None:
+                 context: bool = True, correction_weight: float | None = None) -> None:
         self.class_names, self.seed = list(class_names), seed
         self.weights, self.strategy, self.full, self.forest = weights, strategy, full, forest or {}
         self.levels = levels  # None: the engine's default levels (and its cross-validated choice)
         self.context = context  # False: the first forest alone (no auto-context)
+        self.correction_weight = correction_weight  # None: the engine's default
         self.segmenter = None
         self.cache: dict = {}
         self.summary: dict = {}
@@ -72,7 +73,10 @@ class Ours:
         return np.asarray(labels)
 
     def _full(self) -> dict:
-        return {"full": True} if self.full else {}
+        settings = {"full": True} if self.full else {}
+        if self.correction_weight is not None:
+            settings["correction_weight"] = self.correction_weight
+        return settings
 
     def info(self) -> dict:
         describe = getattr(self.segmenter, "describe", None)
@@ -231,6 +235,12 @@ def make_arm(name: str, class_names, seed: int):
         "default-sqrt": {"forest": {"max_features": "sqrt"}},
         "context-no-levels": {"levels": (), "forest": {"max_features": "sqrt"}},
         "default-no-levels-0.3": {"levels": ()},
+        "context-unweighted": {"forest": {"class_weight": None}},
+        "correction-3": {"correction_weight": 3},
+        "unweighted-correction-3": {"forest": {"class_weight": None}, "correction_weight": 3},
+        "trees-64": {"forest": {"trees": 64}},
+        "leaf-3": {"forest": {"min_samples_leaf": 3}},
+        "leaf-8": {"forest": {"min_samples_leaf": 8}},
         "default-full": {"full": True, "context": False, "forest": {"max_features": "sqrt"}},
         "default-features-0.3": {"forest": {"max_features": 0.3}, "context": False},
         "default-unweighted": {"forest": {"class_weight": None, "max_features": "sqrt"}, "context": False},
@@ -249,5 +259,7 @@ BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
 FOREST_ARMS = ("default-no-context", "default-sqrt", "context-no-levels", "default-no-levels-0.3",
+               "context-unweighted", "correction-3", "unweighted-correction-3", "trees-64",
+               "leaf-3", "leaf-8",
                "default-features-0.3", "default-unweighted", "default-no-levels")
 ALL_ARMS = (*DEFAULT_ARMS, "default-full", *FOREST_ARMS, *STRATEGY_ARMS)

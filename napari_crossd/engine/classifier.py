@@ -18,7 +18,7 @@ from sklearn.tree._tree import NODE_DTYPE, Tree
 __all__ = ["ForestClassifier"]
 
 # What forests were trained with before their configs saved these settings (they retrain so).
-_TRAINED_BEFORE_SAVED = {"max_features": "sqrt", "class_weight": "balanced_subsample"}
+_TRAINED_BEFORE_SAVED = {"max_features": "sqrt", "class_weight": "balanced_subsample", "min_samples_leaf": 1}
 
 
 class ForestClassifier:
@@ -35,6 +35,7 @@ class ForestClassifier:
             corrective round (benchmarks/strokes/results/README.md).
         class_weight: scikit-learn's ``class_weight``; the default weighs each class's strokes
             equally in every tree (strokes of one class may outnumber another's).
+        min_samples_leaf: fewest painted voxels in a leaf (scikit-learn's meaning).
         seed: the forest's random state.
 
     Example:
@@ -53,6 +54,7 @@ class ForestClassifier:
         max_depth: int | None = None,
         max_features=0.3,
         class_weight: str | None = "balanced_subsample",
+        min_samples_leaf: int = 1,
         seed: int = 0,
     ) -> None:
         self.num_classes = int(num_classes)
@@ -60,6 +62,7 @@ class ForestClassifier:
         self.max_depth = max_depth
         self.max_features = max_features
         self.class_weight = class_weight
+        self.min_samples_leaf = int(min_samples_leaf)
         self.seed = int(seed)
         self.forest: RandomForestClassifier | None = None
 
@@ -69,13 +72,14 @@ class ForestClassifier:
 
     def config(self) -> dict:
         return {"kind": "random forest", "trees": self.trees, "max_depth": self.max_depth,
-                "max_features": self.max_features, "class_weight": self.class_weight, "seed": self.seed}
+                "max_features": self.max_features, "class_weight": self.class_weight,
+                "min_samples_leaf": self.min_samples_leaf, "seed": self.seed}
 
     def unfitted(self, seed: int | None = None) -> ForestClassifier:
         """A new, untrained classifier with these settings (and ``seed``, if given)."""
         return ForestClassifier(self.num_classes, trees=self.trees, max_depth=self.max_depth,
                                 max_features=self.max_features, class_weight=self.class_weight,
-                                seed=self.seed if seed is None else seed)
+                                min_samples_leaf=self.min_samples_leaf, seed=self.seed if seed is None else seed)
 
     def _new_forest(self) -> RandomForestClassifier:
         return RandomForestClassifier(
@@ -83,18 +87,22 @@ class ForestClassifier:
             max_depth=self.max_depth,
             max_features=self.max_features,
             class_weight=self.class_weight,
+            min_samples_leaf=self.min_samples_leaf,
             n_jobs=torch.get_num_threads(),
             random_state=self.seed,
         )
 
-    def fit(self, features: np.ndarray, classes: np.ndarray) -> ForestClassifier:
-        """Train on feature vectors ``(P, C)`` with classes ``(P,)`` in 1..N."""
+    def fit(self, features: np.ndarray, classes: np.ndarray, weights: np.ndarray | None = None) -> ForestClassifier:
+        """Train on feature vectors ``(P, C)`` with classes ``(P,)`` in 1..N (and, if given,
+        each voxel's weight ``(P,)``, on top of the class weights)."""
         features, classes = np.asarray(features, dtype=np.float32), np.asarray(classes)
         if features.ndim != 2 or classes.shape != features.shape[:1]:
             raise ValueError(f"Expected features (P, C) and classes (P,), got {features.shape} and {classes.shape}.")
+        if weights is not None and np.shape(weights) != classes.shape:
+            raise ValueError(f"Expected one weight per voxel {classes.shape}, got shape {np.shape(weights)}.")
         if classes.min() < 1 or classes.max() > self.num_classes:
             raise ValueError(f"Classes must be 1..{self.num_classes}, got {classes.min()}..{classes.max()}.")
-        self.forest = self._new_forest().fit(features, classes)
+        self.forest = self._new_forest().fit(features, classes, sample_weight=weights)
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
