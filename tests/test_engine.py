@@ -303,7 +303,7 @@ def test_forest_class_weight_is_an_option(trained, strokes):
         assert forest.forest.class_weight == weight
         votes[weight] = forest.predict_proba(columns[rare])[:, 1].mean()  # class 2's column
     assert abs(votes["balanced_subsample"] - votes[None]) > 0.01
-    assert ForestClassifier(4).config()["class_weight"] == "balanced_subsample"
+    assert ForestClassifier(4).config()["class_weight"] is None  # every painted voxel counts once, as in ilastik
 
 
 def test_segmenter_round_trip_and_old_format(trained, brain, tmp_path):
@@ -335,6 +335,11 @@ def test_segmenter_round_trip_and_old_format(trained, brain, tmp_path):
                                                                 if k != "max_features"}}))
     assert load_segmenter(tmp_path / "model").classifier.max_features == "sqrt"
     assert segmenter.classifier.max_features == 0.3  # today's default
+    # Saved with class weights (the default until 2026-12-02): retrained with them.
+    weighted = {**config["classifier"], "class_weight": "balanced_subsample"}
+    config_path.write_text(json.dumps({**config, "classifier": weighted}))
+    assert load_segmenter(tmp_path / "model").classifier.class_weight == "balanced_subsample"
+    assert segmenter.classifier.class_weight is None  # today's default
     # What version 1 (an MLP head on hypercolumns) wrote is refused with how to retrain.
     config_path.write_text(json.dumps({**config, "version": 1}))
     with pytest.raises(ValueError, match=r"format version 1.*retrain with `crossd finetune IMAGE STROKES --model"):

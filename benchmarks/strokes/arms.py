@@ -35,12 +35,11 @@ class Ours:
 
     def __init__(self, class_names, seed: int, weights: str = "default", strategy: str | None = None,
                  full: bool = False, forest: dict | None = None, levels: tuple | None = None,
-                 context: bool = True, correction_weight: float | None = None) -> None:
+                 context: bool = True) -> None:
         self.class_names, self.seed = list(class_names), seed
         self.weights, self.strategy, self.full, self.forest = weights, strategy, full, forest or {}
         self.levels = levels  # None: the engine's default levels (and its cross-validated choice)
         self.context = context  # False: the first forest alone (no auto-context)
-        self.correction_weight = correction_weight  # None: the engine's default
         self.segmenter = None
         self.cache: dict = {}
         self.summary: dict = {}
@@ -73,10 +72,7 @@ class Ours:
         return np.asarray(labels)
 
     def _full(self) -> dict:
-        settings = {"full": True} if self.full else {}
-        if self.correction_weight is not None:
-            settings["correction_weight"] = self.correction_weight
-        return settings
+        return {"full": True} if self.full else {}
 
     def info(self) -> dict:
         describe = getattr(self.segmenter, "describe", None)
@@ -216,50 +212,51 @@ class SliceForest:
         return {"levels_up_to_stride": self.max_stride}
 
 
+# What the default forests weighed classes by until 2026-12-02 16:30 UTC: arms recorded before
+# then keep it, so that they run as they were recorded.
+WEIGHTED = {"class_weight": "balanced_subsample"}
+SQRT = {"max_features": "sqrt", **WEIGHTED}
+
+
 def make_arm(name: str, class_names, seed: int):
-    """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c), ``default-no-context``
-    (the first forest alone: no auto-context), ``default-sqrt`` and ``context-no-levels``
-    (the default with the forest trying sqrt(channels) per split, the default before
-    2026-12-02 13:10, or that with the filter bank alone), ``default-no-levels-0.3`` (the
-    default with the filter bank alone); or, recorded before auto-context and
-    run without it (and with sqrt(channels) per split unless said):
-    ``default-full``, ``default-features-0.3``, ``default-unweighted`` (the forest without
-    class weights), ``default-no-levels`` and ``WEIGHTS-STRATEGY`` (d), e.g. ``imagenet-acs``."""
+    """``filters-forest`` (a), ``slices-forest`` (b), ``default`` (c); the default with one
+    change: ``default-weighted`` (classes weighed by their strokes, the default from
+    2026-12-02 13:10 to 16:30), ``trees-64`` (that, with 64 trees); ``default-sqrt`` and
+    ``context-no-levels`` (that, trying sqrt(channels) per split: the default from 12:40 to
+    13:10; and with the filter bank alone), ``default-no-levels-0.3`` (the 13:10 default with the
+    filter bank alone), ``default-no-context`` (the first forest alone, sqrt, weighted); or,
+    recorded before auto-context and run without it (sqrt(channels) per split and weighted
+    classes unless said): ``default-full``, ``default-features-0.3``, ``default-unweighted``
+    (the forest without class weights), ``default-no-levels`` and ``WEIGHTS-STRATEGY`` (d),
+    e.g. ``imagenet-acs``."""
     if name == "filters-forest":
         return FilterForest(class_names, seed)
     if name == "slices-forest":
         return SliceForest(class_names, seed)
     ours = {
         "default": {},
-        "default-no-context": {"context": False, "forest": {"max_features": "sqrt"}},
-        "default-sqrt": {"forest": {"max_features": "sqrt"}},
-        "context-no-levels": {"levels": (), "forest": {"max_features": "sqrt"}},
-        "default-no-levels-0.3": {"levels": ()},
-        "context-unweighted": {"forest": {"class_weight": None}},
-        "correction-3": {"correction_weight": 3},
-        "unweighted-correction-3": {"forest": {"class_weight": None}, "correction_weight": 3},
-        "trees-64": {"forest": {"trees": 64}},
-        "leaf-3": {"forest": {"min_samples_leaf": 3}},
-        "leaf-8": {"forest": {"min_samples_leaf": 8}},
-        "default-full": {"full": True, "context": False, "forest": {"max_features": "sqrt"}},
-        "default-features-0.3": {"forest": {"max_features": 0.3}, "context": False},
-        "default-unweighted": {"forest": {"class_weight": None, "max_features": "sqrt"}, "context": False},
-        "default-no-levels": {"levels": (), "context": False, "forest": {"max_features": "sqrt"}},
+        "default-weighted": {"forest": WEIGHTED},
+        "trees-64": {"forest": {"trees": 64, **WEIGHTED}},
+        "default-sqrt": {"forest": SQRT},
+        "context-no-levels": {"levels": (), "forest": SQRT},
+        "default-no-levels-0.3": {"levels": (), "forest": WEIGHTED},
+        "default-no-context": {"context": False, "forest": SQRT},
+        "default-full": {"full": True, "context": False, "forest": SQRT},
+        "default-features-0.3": {"forest": {**SQRT, "max_features": 0.3}, "context": False},
+        "default-unweighted": {"forest": {**SQRT, "class_weight": None}, "context": False},
+        "default-no-levels": {"levels": (), "context": False, "forest": SQRT},
     }
     if name in ours:
         return Ours(class_names, seed, **ours[name])
     weights, _, strategy = name.partition("-")
     if weights in WEIGHTS and strategy in STRATEGIES:
-        return Ours(class_names, seed, weights=weights, strategy=strategy, context=False,
-                    forest={"max_features": "sqrt"})
+        return Ours(class_names, seed, weights=weights, strategy=strategy, context=False, forest=SQRT)
     raise ValueError(f"unknown arm {name!r}")
 
 
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-FOREST_ARMS = ("default-no-context", "default-sqrt", "context-no-levels", "default-no-levels-0.3",
-               "context-unweighted", "correction-3", "unweighted-correction-3", "trees-64",
-               "leaf-3", "leaf-8",
-               "default-features-0.3", "default-unweighted", "default-no-levels")
+FOREST_ARMS = ("default-weighted", "trees-64", "default-sqrt", "context-no-levels", "default-no-levels-0.3",
+               "default-no-context", "default-features-0.3", "default-unweighted", "default-no-levels")
 ALL_ARMS = (*DEFAULT_ARMS, "default-full", *FOREST_ARMS, *STRATEGY_ARMS)

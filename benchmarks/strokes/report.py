@@ -21,6 +21,8 @@ NAMES = {
     "default-features-0.3": "ours, no auto-context, forest max_features 0.3",
     "default-unweighted": "ours, no auto-context, forest without class weights",
     "default-no-levels": "ours, no auto-context, filter bank only (no encoder level)",
+    "default-weighted": "ours, default with class weights (the (c) of 2026-12-02 13:10)",
+    "trees-64": "ours, default with class weights and 64 trees",
 }
 SETS = ("near", "far", "all")
 
@@ -133,7 +135,12 @@ def targets(runs: dict, context_means: dict) -> list[str]:
             d = arms["default"]
             forest = arms.get("filters-forest")
             gain, refit = _mean(d, "round2", "gain"), _mean(d, "seconds", "refit")
-            versus = f", forest's {_mean(forest, 'round2', 'gain'):+.3f}" if forest else ""
+            after = _mean(d, "round2", "after", "mean")
+            versus = ""
+            if forest:
+                verdict = "met" if gain >= _mean(forest, "round2", "gain") else "NOT met"
+                versus = (f", forest's {_mean(forest, 'round2', 'gain'):+.3f} ({verdict}; Dice after it {after:.3f}, "
+                          f"forest's {_mean(forest, 'round2', 'after', 'mean'):.3f})")
             size = "x".join(str(n) for n in d[0]["shape"])
             lines.append(f"- {task} ({size}): Train -> labels {_mean(d, 'seconds', 'train_to_labels'):.1f} s wall, "
                          f"{_mean(d, 'seconds', 'cpu_train_to_labels'):.0f} CPU s (target <= 60 s on 2 cores for "

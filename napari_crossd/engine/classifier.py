@@ -18,7 +18,7 @@ from sklearn.tree._tree import NODE_DTYPE, Tree
 __all__ = ["ForestClassifier"]
 
 # What forests were trained with before their configs saved these settings (they retrain so).
-_TRAINED_BEFORE_SAVED = {"max_features": "sqrt", "class_weight": "balanced_subsample", "min_samples_leaf": 1}
+_TRAINED_BEFORE_SAVED = {"max_features": "sqrt", "class_weight": "balanced_subsample"}
 
 
 class ForestClassifier:
@@ -33,9 +33,11 @@ class ForestClassifier:
             strokes suite, with auto-context, it scores 0.865 / 0.813 Dice near / far on the
             context tasks against 0.857 / 0.803 for sqrt(channels), and ends level after a
             corrective round (benchmarks/strokes/results/README.md).
-        class_weight: scikit-learn's ``class_weight``; the default weighs each class's strokes
-            equally in every tree (strokes of one class may outnumber another's).
-        min_samples_leaf: fewest painted voxels in a leaf (scikit-learn's meaning).
+        class_weight: scikit-learn's ``class_weight``. None (ilastik's choice): every painted
+            voxel counts once. On the strokes suite, weighing classes by their strokes
+            ("balanced_subsample") tied on the first training, even with five times as much
+            background painted, and gained less from corrective strokes, which add to the
+            classes that were wrong (benchmarks/strokes/results/README.md).
         seed: the forest's random state.
 
     Example:
@@ -53,8 +55,7 @@ class ForestClassifier:
         trees: int = 32,
         max_depth: int | None = None,
         max_features=0.3,
-        class_weight: str | None = "balanced_subsample",
-        min_samples_leaf: int = 1,
+        class_weight: str | None = None,
         seed: int = 0,
     ) -> None:
         self.num_classes = int(num_classes)
@@ -62,7 +63,6 @@ class ForestClassifier:
         self.max_depth = max_depth
         self.max_features = max_features
         self.class_weight = class_weight
-        self.min_samples_leaf = int(min_samples_leaf)
         self.seed = int(seed)
         self.forest: RandomForestClassifier | None = None
 
@@ -72,14 +72,13 @@ class ForestClassifier:
 
     def config(self) -> dict:
         return {"kind": "random forest", "trees": self.trees, "max_depth": self.max_depth,
-                "max_features": self.max_features, "class_weight": self.class_weight,
-                "min_samples_leaf": self.min_samples_leaf, "seed": self.seed}
+                "max_features": self.max_features, "class_weight": self.class_weight, "seed": self.seed}
 
     def unfitted(self, seed: int | None = None) -> ForestClassifier:
         """A new, untrained classifier with these settings (and ``seed``, if given)."""
         return ForestClassifier(self.num_classes, trees=self.trees, max_depth=self.max_depth,
                                 max_features=self.max_features, class_weight=self.class_weight,
-                                min_samples_leaf=self.min_samples_leaf, seed=self.seed if seed is None else seed)
+                                seed=self.seed if seed is None else seed)
 
     def _new_forest(self) -> RandomForestClassifier:
         return RandomForestClassifier(
@@ -87,22 +86,18 @@ class ForestClassifier:
             max_depth=self.max_depth,
             max_features=self.max_features,
             class_weight=self.class_weight,
-            min_samples_leaf=self.min_samples_leaf,
             n_jobs=torch.get_num_threads(),
             random_state=self.seed,
         )
 
-    def fit(self, features: np.ndarray, classes: np.ndarray, weights: np.ndarray | None = None) -> ForestClassifier:
-        """Train on feature vectors ``(P, C)`` with classes ``(P,)`` in 1..N (and, if given,
-        each voxel's weight ``(P,)``, on top of the class weights)."""
+    def fit(self, features: np.ndarray, classes: np.ndarray) -> ForestClassifier:
+        """Train on feature vectors ``(P, C)`` with classes ``(P,)`` in 1..N."""
         features, classes = np.asarray(features, dtype=np.float32), np.asarray(classes)
         if features.ndim != 2 or classes.shape != features.shape[:1]:
             raise ValueError(f"Expected features (P, C) and classes (P,), got {features.shape} and {classes.shape}.")
-        if weights is not None and np.shape(weights) != classes.shape:
-            raise ValueError(f"Expected one weight per voxel {classes.shape}, got shape {np.shape(weights)}.")
         if classes.min() < 1 or classes.max() > self.num_classes:
             raise ValueError(f"Classes must be 1..{self.num_classes}, got {classes.min()}..{classes.max()}.")
-        self.forest = self._new_forest().fit(features, classes, sample_weight=weights)
+        self.forest = self._new_forest().fit(features, classes)
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:

@@ -134,7 +134,7 @@ def context_of_box(maps: np.ndarray, origin: Sequence[int], box: Sequence[slice]
 def cross_fitted_context_job(
     classifier: ForestClassifier, columns: np.ndarray, classes: np.ndarray, groups: np.ndarray,
     volumes: np.ndarray, coords: np.ndarray, sources: Sequence[VolumeFeatures], spec: FeatureSpec,
-    context: ContextSpec, device: torch.device, seed: int = 0, weights: np.ndarray | None = None,
+    context: ContextSpec, device: torch.device, seed: int = 0,
 ) -> Job[np.ndarray | None]:
     """Context channels ``(P, K)`` at the painted voxels, each fold's from a forest without its strokes.
 
@@ -144,7 +144,6 @@ def cross_fitted_context_job(
             painted voxels (as :func:`.segmenter.choose_levels`).
         volumes, coords: ``(P,)`` which of ``sources`` each voxel is in, ``(P, 3)`` where.
         sources: every volume's features.
-        weights: ``(P,)`` the voxels' weights (:func:`.segmenter.correction_weights`) or None.
 
     Returns:
         The channels, or None when the strokes lie in fewer than two groups (nothing to hold out).
@@ -155,7 +154,7 @@ def cross_fitted_context_job(
     out = np.empty((len(classes), context.channels(classifier.num_classes)), np.float32)
     folds = list(GroupKFold(min(_MAX_FOLDS, count)).split(columns, classes, groups))
     for train, held in folds:
-        forest = classifier.unfitted(seed).fit(columns[train], classes[train], None if weights is None else weights[train])
+        forest = classifier.unfitted(seed).fit(columns[train], classes[train])
         for volume in np.unique(volumes[held]):
             these = held[volumes[held] == volume]
             source, points = sources[volume], coords[these]

@@ -66,8 +66,6 @@ DEEPEST_STRIDE = 16
 # Auto-context on by default: on the strokes suite it gains where a class is a part of an object
 # (nucleus boundary vs interior) and the cross-validation turns it off where it does not pay.
 DEFAULT_CONTEXT = ContextSpec()
-# A stroke painted after a prediction counts this many times (to be set by the strokes suite).
-CORRECTION_WEIGHT = 1
 
 
 def default_spec(encoder: nn.Module) -> FeatureSpec:
@@ -121,8 +119,6 @@ class Segmenter:
         # Stage 2 (trained only when the strokes lie in two groups or more: see cross_fitted_context_job).
         self.context_classifier: ForestClassifier | None = None
         self.trained_voxels = 0
-        # The strokes of the last training (one per volume): the next one weighs what is new.
-        self.painted: tuple[Annotations, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -204,7 +200,6 @@ def finetune_pairs_job(
     steps: int = 150,
     crop: int = 64,
     select: bool = True,
-    correction_weight: float = CORRECTION_WEIGHT,
     device: str | torch.device = "auto",
     seed: int = 0,
 ) -> Job[dict]:
@@ -235,9 +230,6 @@ def finetune_pairs_job(
             (:func:`choose_levels`) and whether auto-context is used (the segmenter's
             ``context``: kept if it raises the held-out macro F1 by 0.02, as a level must);
             later trainings keep both choices.
-        correction_weight: how many times a voxel painted since the segmenter's previous
-            training counts (:func:`correction_weights`): strokes added after a prediction
-            mark where it was wrong.
         device: where the encoder runs.
         seed: seeds the subsample, the forest and the encoder fine-tuning.
 
@@ -252,9 +244,7 @@ def finetune_pairs_job(
         (macro F1 on held-out painted planes without and with it, when chosen on this training).
     """
     names = list(names) if names is not None else [f"volume {i + 1}/{len(pairs)}" for i in range(len(pairs))]
-    painted = _annotations_of(pairs, names, segmenter.num_classes)
-    annotations = _subsampled(painted, max_points, seed)
-    weights = correction_weights(annotations, segmenter.painted, correction_weight)
+    annotations = _annotations_of(pairs, names, segmenter.num_classes, max_points, seed)
     caches = list(features) if features is not None else [None] * len(pairs)
     spacings = _per_pair(spacing, len(pairs))
     if not len(caches) == len(spacings) == len(names) == len(pairs):
@@ -278,9 +268,7 @@ def finetune_pairs_job(
             sources.append(source)
             if index < len(pairs) - 1:
                 source.block = None  # one volume's block in memory at a time; the last stays for predicting
-        summary = yield from _fit_job(segmenter, np.concatenate(columns), annotations, weights, sources, select,
-                                      device, seed)
-        segmenter.painted = tuple(painted)
+        summary = yield from _fit_job(segmenter, np.concatenate(columns), annotations, sources, select, device, seed)
     except BaseException:  # cancelled or failed: the segmenter stays as it was
         segmenter.encoder = previous
         raise
@@ -296,39 +284,18 @@ def _per_pair(spacing, count: int) -> list:
     return list(spacing)
 
 
-def _annotations_of(pairs, names, num_classes: int) -> list[Annotations]:
-    """Every pair's :class:`Annotations`, checked by the one label rule."""
+def _annotations_of(pairs, names, num_classes: int, max_points: int, seed: int) -> list[Annotations]:
+    """Every pair's :class:`Annotations` (checked by the one label rule), together at most
+    ``max_points`` voxels."""
     for volume, *_ in pairs:
         check_volume(volume)
-    return annotations_of_volumes((labels for _, labels, *_ in pairs), [v.shape for v, *_ in pairs], names,
-                                  num_classes)
-
-
-def _subsampled(annotations: list[Annotations], max_points: int, seed: int) -> list[Annotations]:
-    """Together at most ``max_points`` voxels, each pair's share in proportion to its strokes."""
+    annotations = annotations_of_volumes((labels for _, labels, *_ in pairs), [v.shape for v, *_ in pairs], names,
+                                         num_classes)
     total = sum(len(a) for a in annotations)
     return [a.subsample(max(1, max_points * len(a) // total), seed) for a in annotations]
 
 
-def correction_weights(annotations: Sequence[Annotations], before: Sequence[Annotations],
-                       weight: float) -> np.ndarray | None:
-    """Each voxel's weight: ``weight`` where it was not painted (with this class) at the
-    previous training, whose strokes are ``before`` (one per pair), else 1; None when no
-    voxel is new or there was no previous training of these volumes."""
-    if weight == 1 or len(before) != len(annotations) or any(b.shape != a.shape for a, b in zip(annotations, before)):
-        return None
-    parts = [np.where(np.isin(_keys(a), _keys(b)), 1.0, float(weight)) for a, b in zip(annotations, before)]
-    weights = np.concatenate(parts)
-    return weights if (weights != 1).any() else None
-
-
-def _keys(annotations: Annotations) -> np.ndarray:
-    """One integer per painted voxel and class."""
-    index = np.ravel_multi_index(tuple(annotations.coords.T), annotations.shape)
-    return index * (annotations.num_classes + 1) + annotations.classes
-
-
-def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annotations], weights: np.ndarray | None,
+def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annotations],
              sources: list[VolumeFeatures], select: bool, device: torch.device, seed: int):
     """Fit the forests on the painted voxels' ``columns`` of every volume (in order); the
     segmenter changes only at the end, so a cancelled fit leaves it as it was."""
@@ -343,21 +310,21 @@ def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annota
         spec, choice = choose_levels(columns, classes, groups, spec, segmenter.encoder, seed)
     columns = columns[:, : spec.channels(segmenter.encoder)]
     yield Progress(0, 1, f"fitting the forest on {len(classes):,} painted voxels", phase="fit")
-    forest = segmenter.classifier.unfitted(seed).fit(columns, classes, weights)
+    forest = segmenter.classifier.unfitted(seed).fit(columns, classes)
     second, gate = None, None
     # Later trainings keep the first one's choice, as they keep its levels.
     wanted = segmenter.context is not None and (segmenter.two_stage or not segmenter.trained or not select)
     if wanted:
         context = yield from named_job(cross_fitted_context_job(
             forest, columns, classes, groups, volumes, np.concatenate([a.coords for a in annotations]), sources,
-            spec, segmenter.context, device, seed, weights), "auto-context")
+            spec, segmenter.context, device, seed), "auto-context")
         if context is not None and select and not segmenter.trained:
             scores = context_scores(forest, columns, context, classes, groups, _CV_TREES, seed)
             gate = {"used": scores[1] > scores[0] + _CV_MARGIN, "scores": list(scores)}
             context = context if gate["used"] else None
         if context is not None:
             yield Progress(0, 1, "fitting the auto-context forest", phase="fit")
-            second = forest.unfitted(seed).fit(np.concatenate([columns, context], 1), classes, weights)
+            second = forest.unfitted(seed).fit(np.concatenate([columns, context], 1), classes)
     segmenter.spec, segmenter.classifier, segmenter.context_classifier = spec, forest, second
     segmenter.trained_voxels = len(classes)
     yield Progress(1, 1, f"trained on {len(classes):,} voxels, {columns.shape[1]} features", phase="fit")
@@ -373,8 +340,10 @@ def _fit_job(segmenter: Segmenter, columns: np.ndarray, annotations: list[Annota
 
 # Cross-validation forests are smaller than the final one: the choice needs a ranking, not the last 0.01.
 _CV_TREES = 16
-# The level choice was measured on the strokes suite with forests of sqrt(channels) per split.
+# The level choice was measured on the strokes suite with these forests (sqrt(channels) per
+# split, classes weighed by their strokes).
 _CV_MAX_FEATURES = "sqrt"
+_CV_CLASS_WEIGHT = "balanced_subsample"
 _CV_FOLDS = 4
 # A candidate with more encoder levels must beat the best simpler one by this much (macro F1):
 # on the strokes suite, changing only the forests' seed moved candidates' scores by about 0.01
@@ -413,7 +382,8 @@ def choose_levels(
         width = FeatureSpec(spec.levels[:depth], spec.sigmas, spec.sets).channels(encoder)
         fold_scores = []
         for train, held in folds:
-            forest = ForestClassifier(num_classes, trees=_CV_TREES, max_features=_CV_MAX_FEATURES, seed=seed)
+            forest = ForestClassifier(num_classes, trees=_CV_TREES, max_features=_CV_MAX_FEATURES,
+                                      class_weight=_CV_CLASS_WEIGHT, seed=seed)
             forest.fit(columns[train, :width], classes[train])
             predicted = forest.predict_proba(columns[held, :width]).argmax(1) + 1
             fold_scores.append(f1_score(classes[held], predicted, average="macro"))
