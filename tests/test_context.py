@@ -71,7 +71,7 @@ def _unpainted_dice(labels, truth, strokes) -> float:
 def test_auto_context_beats_the_first_forest_on_nucleus_parts(trained, parts):
     sample, strokes = parts
     segmenter, features, summary, reports = trained
-    # Chosen by cross-validation over the painted planes (16-tree forests, macro F1): measured 0.835 -> 0.921.
+    # Chosen by cross-validation over the painted planes (16-tree forests, macro F1): measured 0.802 -> 0.904.
     low, high = summary["context"]["scores"]
     assert summary["context"]["used"] and segmenter.two_stage and high > low + 0.02
     assert segmenter.describe().endswith("auto-context at sigma 1, 2, 4")
@@ -81,7 +81,7 @@ def test_auto_context_beats_the_first_forest_on_nucleus_parts(trained, parts):
     first = Segmenter(segmenter.encoder, sample.class_names, spec=FILTERS, classifier=segmenter.classifier)
     one, _ = segment(first, sample.image, spacing=sample.spacing, features=features, device="cpu",
                      probabilities=False)
-    # Measured on these strokes: 0.856 (stage 1) and 0.870 (auto-context); the strokes suite has the seeds.
+    # Measured on these strokes: 0.847 (stage 1) and 0.877 (auto-context); the strokes suite has the seeds.
     dice_one, dice_two = _unpainted_dice(one, sample.labels, strokes), _unpainted_dice(two, sample.labels, strokes)
     assert dice_two > 0.86 and dice_two > dice_one + 0.008, (dice_one, dice_two)
 
