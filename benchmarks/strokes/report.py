@@ -135,12 +135,12 @@ def targets(runs: dict, context_means: dict) -> list[str]:
             d = arms["default"]
             forest = arms.get("filters-forest")
             gain, refit = _mean(d, "round2", "gain"), _mean(d, "seconds", "refit")
-            after = _mean(d, "round2", "after", "mean")
             versus = ""
             if forest:
-                verdict = "met" if gain >= _mean(forest, "round2", "gain") else "NOT met"
-                versus = (f", forest's {_mean(forest, 'round2', 'gain'):+.3f} ({verdict}; Dice after it {after:.3f}, "
-                          f"forest's {_mean(forest, 'round2', 'after', 'mean'):.3f})")
+                theirs = _mean(forest, "round2", "gain")
+                after, after_theirs = (_mean(r, "round2", "after", "mean") for r in (d, forest))
+                versus = (f", forest's {theirs:+.3f} ({'met' if gain >= theirs else 'NOT met'}; Dice after it "
+                          f"{after:.3f}, forest's {after_theirs:.3f})")
             size = "x".join(str(n) for n in d[0]["shape"])
             lines.append(f"- {task} ({size}): Train -> labels {_mean(d, 'seconds', 'train_to_labels'):.1f} s wall, "
                          f"{_mean(d, 'seconds', 'cpu_train_to_labels'):.0f} CPU s (target <= 60 s on 2 cores for "

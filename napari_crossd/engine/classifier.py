@@ -30,9 +30,10 @@ class ForestClassifier:
             CPU threads).
         max_depth: depth limit (None: grown until pure); bounds the prediction time.
         max_features: channels tried per split (scikit-learn's meaning). 30 % of them: on the
-            strokes suite, with auto-context, it scores 0.865 / 0.813 Dice near / far on the
-            context tasks against 0.857 / 0.803 for sqrt(channels), and ends level after a
-            corrective round (benchmarks/strokes/results/README.md).
+            strokes suite, with auto-context (and the class weights of that day), it scored
+            0.865 / 0.813 Dice near / far on the context tasks against 0.857 / 0.803 for
+            sqrt(channels), and ended level after a corrective round
+            (benchmarks/strokes/results/README.md).
         class_weight: scikit-learn's ``class_weight``. None (ilastik's choice): every painted
             voxel counts once. On the strokes suite, weighing classes by their strokes
             ("balanced_subsample") tied on the first training, even with five times as much
