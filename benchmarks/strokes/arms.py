@@ -83,6 +83,26 @@ class Ours:
         return {"hypercolumn": features, "summary": summary}
 
 
+class Regated(Ours):
+    """Screen: (c) whose corrective round decides auto-context again on all strokes (the
+    engine keeps the first training's choice). The forests are refit from all strokes in
+    either case; only the gate differs, so the refit starts from a fresh segmenter of the
+    same features with the level choice held at the first round's."""
+
+    def refit(self, image, strokes, spacing) -> None:
+        from napari_crossd.engine import Segmenter, finetune
+        from napari_crossd.engine import segmenter as engine
+
+        first = self.segmenter
+        self.segmenter = Segmenter(first.encoder, self.class_names, spec=first.spec,
+                                   classifier=first.classifier.unfitted(self.seed), context=first.context)
+        held, engine.choose_levels = engine.choose_levels, lambda columns, classes, groups, spec, *_: (spec, None)
+        try:
+            self.summary = finetune(self.segmenter, image, strokes, spacing=spacing, **self.cache)
+        finally:
+            engine.choose_levels = held
+
+
 def _plain(value) -> bool:
     return isinstance(value, (int, float, str, bool)) or value is None
 
@@ -248,6 +268,8 @@ def make_arm(name: str, class_names, seed: int):
     }
     if name in ours:
         return Ours(class_names, seed, **ours[name])
+    if name == "regate-context":
+        return Regated(class_names, seed)
     weights, _, strategy = name.partition("-")
     if weights in WEIGHTS and strategy in STRATEGIES:
         return Ours(class_names, seed, weights=weights, strategy=strategy, context=False, forest=SQRT)
@@ -257,6 +279,7 @@ def make_arm(name: str, class_names, seed: int):
 BASELINES = ("filters-forest", "slices-forest")
 DEFAULT_ARMS = (*BASELINES, "default")
 STRATEGY_ARMS = tuple(f"{w}-{s}" for w in WEIGHTS for s in STRATEGIES)
-FOREST_ARMS = ("default-weighted", "trees-64", "default-sqrt", "context-no-levels", "default-no-levels-0.3",
-               "default-no-context", "default-features-0.3", "default-unweighted", "default-no-levels")
+FOREST_ARMS = ("regate-context", "default-weighted", "trees-64", "default-sqrt", "context-no-levels",
+               "default-no-levels-0.3", "default-no-context", "default-features-0.3", "default-unweighted",
+               "default-no-levels")
 ALL_ARMS = (*DEFAULT_ARMS, "default-full", *FOREST_ARMS, *STRATEGY_ARMS)
