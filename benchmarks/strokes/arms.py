@@ -93,6 +93,8 @@ class Regated(Ours):
         from napari_crossd.engine import Segmenter, finetune
         from napari_crossd.engine import segmenter as engine
 
+        # The engine re-decides the gate only together with the levels (a first training); holding
+        # choose_levels here keeps this screen out of the engine, where it did not win.
         first = self.segmenter
         self.segmenter = Segmenter(first.encoder, self.class_names, spec=first.spec,
                                    classifier=first.classifier.unfitted(self.seed), context=first.context)

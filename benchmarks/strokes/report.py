@@ -156,7 +156,7 @@ def _corrective(ours: list[dict], forest: list[dict] | None) -> str:
     theirs = _mean(forest, "round2", "gain")
     room, room_theirs = (1 - _mean(r, "round2", "before", "mean") for r in (ours, forest))
     after, after_theirs = (_mean(r, "round2", "after", "mean") for r in (ours, forest))
-    share, share_theirs = (_mean([{"s": r["round2"]["gain"] / (1 - r["round2"]["before"]["mean"])} for r in rs], "s")
+    share, share_theirs = (np.mean([r["round2"]["gain"] / (1 - r["round2"]["before"]["mean"]) for r in rs])
                            for rs in (ours, forest))
     verdict = "met" if gain >= theirs else "NOT met" + (
         f", and out of reach: (c) has {room:.3f} left to gain" if room < theirs else "")
